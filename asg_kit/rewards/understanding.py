@@ -1,0 +1,165 @@
+"""Rewards of the understanding step: the Solver's per-sample rewards and the Proposer's
+question reward (SPEC section 2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from asg_kit.rewards._math import clip, gaussian
+from asg_kit.rewards.answers import normalize_answer, split_answer
+from asg_kit.rewards.entropy import RollingPercentile
+from asg_kit.rewards.votes import Bucket, EasyThreshold, VoteStats, difficulty_bucket, informativeness, vote_stats
+
+
+def length_factor(words_before: int, penalty: float = 0.10, tau: float = 6.0) -> float:
+    """``1 - penalty * min(1, max(0, (w - tau) / tau))``: a mild cost for long preambles."""
+    return 1.0 - penalty * min(1.0, max(0.0, (words_before - tau) / tau))
+
+
+def solver_rewards(
+    answers: Sequence[str],
+    word_counts: Sequence[int],
+    stats: VoteStats,
+    bucket: Bucket | None = None,
+    form: Literal["asg", "evolmm"] = "asg",
+    gamma: float = 0.7,
+    length_penalty: float = 0.10,
+    length_tau: float = 6.0,
+    minority_weight: float = 0.25,
+    signal_floor: float = 1e-4,
+) -> list[float]:
+    """Per-sample Solver rewards.
+
+    ASG (signed) form, with ``sc = max(1e-4, informativeness(stats))``:
+    ``raw_i = +sc`` if a_i is the majority else ``-0.25 * sc`` (all ``-0.25 * sc`` when
+    the bucket is "unsolvable"), and
+    ``r_i = p(a_i)^0.7 * (1 - 0.10 * min(1, max(0, (w_i - 6) / 6))) * raw_i``.
+
+    EvoLMM form: ``r_i = p(a_i)^0.7 * (1 - 0.10 * min(1, max(0, (w_i - 6) / 6)))``.
+
+    ``answers`` are compared after ``normalize_answer``; ``word_counts`` are the words
+    before each answer (``split_answer``). Skipping the update for easy and unsolvable
+    questions is the training loop's gate, not this function's.
+    """
+    if len(answers) != len(word_counts):
+        raise ValueError(f"{len(answers)} answers but {len(word_counts)} word counts")
+    if form not in ("asg", "evolmm"):
+        raise ValueError(f"form must be 'asg' or 'evolmm', got {form!r}")
+    signal = max(signal_floor, informativeness(stats))
+    rewards = []
+    for answer, words in zip(answers, word_counts):
+        label = normalize_answer(answer)
+        weight = stats.shares.get(label, 0.0) ** gamma * length_factor(words, length_penalty, length_tau)
+        if form == "evolmm":
+            rewards.append(weight)
+        elif bucket == "unsolvable" or label != stats.majority:
+            rewards.append(-minority_weight * signal * weight)
+        else:
+            rewards.append(signal * weight)
+    return rewards
+
+
+def proposer_reward(
+    d_ste: float,
+    stats: VoteStats,
+    bucket: Bucket,
+    ste_weight: float = 0.70,
+    sc_weight: float = 0.30,
+    entropy_target: float = 0.90,
+    entropy_width: float = 0.25,
+    band_weight: float = 0.90,
+    easy_cap: float = 0.20,
+) -> float:
+    """Reward of a Proposer question.
+
+    ``g = exp(-(H_SC - 0.90)^2 / (2 * 0.25^2))``, ``band = clip(2 s - 1, -1, 1)`` with
+    ``s = informativeness(stats)``, ``r_SC = clip(0.9 * band + 0.1 * g, -1, 1)``,
+    ``R_P = 0.70 * d_STE + 0.30 * r_SC * [H_SC > 0]``; 0 for "unsolvable"; at most 0.20 for
+    "easy".
+    """
+    if bucket == "unsolvable":
+        return 0.0
+    band = clip(2.0 * informativeness(stats) - 1.0, -1.0, 1.0)
+    bump = gaussian(stats.entropy, entropy_target, entropy_width)
+    r_sc = clip(band_weight * band + (1.0 - band_weight) * bump, -1.0, 1.0)
+    reward = ste_weight * d_ste + (sc_weight * r_sc if stats.entropy > 0 else 0.0)
+    if bucket == "easy" and not math.isnan(reward):
+        reward = min(reward, easy_cap)
+    return reward
+
+
+@dataclass(frozen=True)
+class QuestionScore:
+    """Everything the understanding step derives from one question's Solver replies."""
+
+    answers: tuple[str, ...]
+    word_counts: tuple[int, ...]
+    stats: VoteStats
+    bucket: Bucket
+    informativeness: float
+    d_ste: float
+    solver_rewards: tuple[float, ...]
+    proposer_reward: float
+    skip_reason: str | None
+
+    @property
+    def update_solver(self) -> bool:
+        return self.skip_reason is None
+
+
+def score_question(
+    replies: Sequence[str], d_ste: float, tau_easy: float, form: Literal["asg", "evolmm"] = "asg"
+) -> QuestionScore:
+    """Votes, bucket, Solver and Proposer rewards for one question's N Solver replies.
+
+    The Solver update is gated off (``skip_reason``) for "easy" and "unsolvable" buckets.
+    """
+    split = [split_answer(reply) for reply in replies]
+    answers = tuple(answer for answer, _ in split)
+    words = tuple(count for _, count in split)
+    stats = vote_stats(answers)
+    bucket = difficulty_bucket(stats, tau_easy)
+    return QuestionScore(
+        answers=answers,
+        word_counts=words,
+        stats=stats,
+        bucket=bucket,
+        informativeness=informativeness(stats),
+        d_ste=d_ste,
+        solver_rewards=tuple(solver_rewards(answers, words, stats, bucket, form=form)),
+        proposer_reward=proposer_reward(d_ste, stats, bucket),
+        skip_reason=f"{bucket} question" if bucket in ("easy", "unsolvable") else None,
+    )
+
+
+class UnderstandingScorer:
+    """``score_question`` with the running state it needs across questions: the STE
+    percentile window (d_STE) and the adaptive easy threshold (tau_easy).
+
+    Each question is judged against the history before it, then added to it.
+    """
+
+    def __init__(
+        self,
+        percentile: RollingPercentile | None = None,
+        easy: EasyThreshold | None = None,
+        form: Literal["asg", "evolmm"] = "asg",
+    ) -> None:
+        self.percentile = percentile or RollingPercentile()
+        self.easy = easy or EasyThreshold()
+        self.form = form
+
+    def score(self, replies: Sequence[str], ste_raw: float) -> QuestionScore:
+        d_ste = self.percentile.update(ste_raw)
+        result = score_question(replies, d_ste, self.easy.value, form=self.form)
+        self.easy.update(result.stats.entropy)
+        return result
+
+    def state_dict(self) -> dict:
+        return {"percentile": self.percentile.state_dict(), "easy": self.easy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.percentile.load_state_dict(state["percentile"])
+        self.easy.load_state_dict(state["easy"])
