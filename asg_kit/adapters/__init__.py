@@ -1,0 +1,1 @@
+"""One adapter per unified backbone behind one protocol (``base.UnifiedBackbone``)."""

@@ -1,0 +1,151 @@
+"""The one protocol every unified backbone implements, and the records it returns.
+
+A backbone is a frozen unified model with one LoRA adapter per role. Everything the method
+needs from it is below; everything backbone-specific lives in that backbone's adapter.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, Sequence, runtime_checkable
+
+import torch
+from PIL import Image
+
+ROLES = ("proposer", "solver", "generator")
+GenerationParadigm = Literal["ar_tokens", "rectified_flow", "diffusion"]
+
+CAPTION_PROMPT = "Describe this image in one concise sentence focusing on key visual facts."
+EMBED_PROBE = "Describe this image briefly."
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA of every role (SPEC: r=16, alpha=32, dropout 0.05 on the language model's
+    attention and MLP projections)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class AnswerRequest:
+    """One text completion to sample: an image (or None), the full user prompt, and its
+    decoding settings. ``temperature <= 0`` is greedy. ``seed`` fixes this request's own
+    random stream, so a request samples the same text alone or in any batch. Requests that
+    pass the same image object share its encoding and their common prompt prefix."""
+
+    image: Image.Image | None
+    prompt: str
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class TextSample:
+    """A sampled completion. ``token_ids`` include the end-of-sequence token when the
+    model produced one (``finished``). ``logprobs`` are the behaviour log-probs of each
+    token under the distribution it was drawn from (temperature and top-p applied; for
+    greedy rows, the policy at temperature 1); ``entropies`` are the full-vocabulary
+    entropies of the policy (temperature 1) at each step."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: torch.Tensor
+    entropies: torch.Tensor
+    finished: bool
+
+
+@dataclass
+class TokenScores:
+    """Teacher-forced scores of completions, padded to (batch, longest completion):
+    per-token log-probs and entropies under the active role, the mask of real tokens and,
+    when asked for, the full logits (for full-vocabulary KL)."""
+
+    logprobs: torch.Tensor
+    entropies: torch.Tensor
+    mask: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class ImageRollout:
+    """What image generation did, enough to recompute differentiable log-probs: the
+    conditional prompt ids of each row, the sampled image tokens (rows = prompts x n, in
+    prompt order), the behaviour log-probs (CFG and temperature applied) and the settings."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    prompt_index: list[int]
+    tokens: torch.Tensor
+    behaviour_logprobs: torch.Tensor
+    guidance_scale: float
+    temperature: float
+    seeds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GeneratedImages:
+    images: list[list[Image.Image]]
+    rollout: ImageRollout
+
+
+@runtime_checkable
+class UnifiedBackbone(Protocol):
+    """What Ask, Solve, Generate needs from a unified multimodal model."""
+
+    name: str
+    generation_paradigm: GenerationParadigm
+    roles: tuple[str, ...]
+
+    def role(self, name: str | None) -> AbstractContextManager[None]:
+        """Make ``name`` the active LoRA role inside the block; ``None`` is the reference
+        policy (every adapter off)."""
+        ...
+
+    def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]: ...
+
+    def save_roles(self, path: str | Path) -> None:
+        """Write each role's adapter as safetensors in peft's layout (``path/<role>/``)."""
+        ...
+
+    def load_roles(self, path: str | Path) -> None: ...
+
+    def sample_answers(self, requests: Sequence[AnswerRequest], max_new_tokens: int = 96, seed: int = 0) -> list[TextSample]:
+        """Sample one completion per request under the active role. Requests without a
+        seed of their own use ``seed + their index``."""
+        ...
+
+    def score_completions(
+        self, requests: Sequence[AnswerRequest], completions: Sequence[Sequence[int]], keep_logits: bool = False
+    ) -> TokenScores:
+        """Teacher-forced log-probs and entropies of ``completions`` (token ids) after each
+        request's prompt, under the active role; differentiable when grad is enabled."""
+        ...
+
+    def caption(
+        self, images: Sequence[Image.Image], prompt: str = CAPTION_PROMPT, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0
+    ) -> list[str]: ...
+
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """(batch, hidden): L2-normalised masked mean of the base model's last hidden
+        state (adapters off)."""
+        ...
+
+    def embed_image_text(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor: ...
+
+    def generate_images(
+        self, prompts: Sequence[str], n: int = 1, guidance_scale: float = 5.0, temperature: float = 1.0, seed: int = 0
+    ) -> GeneratedImages:
+        """``n`` images per prompt under the active role, with classifier-free guidance."""
+        ...
+
+    def generation_logprobs(self, rollout: ImageRollout) -> torch.Tensor:
+        """(rows, image tokens) log-probs of the rollout's tokens under the active role,
+        teacher-forced on the conditional branch; differentiable when grad is enabled."""
+        ...

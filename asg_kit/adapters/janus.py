@@ -1,0 +1,538 @@
+"""Janus / Janus-Pro through transformers' native ``JanusForConditionalGeneration``.
+
+Understanding decodes with ``lm_head``; image generation samples VQ tokens from the
+separate ``generation_head`` with classifier-free guidance. Both decode loops live here
+rather than in ``generate()``: that gives every sampled token its behaviour log-prob and
+entropy (Janus's image ``generate`` returns only the last step's scores), per-request
+random streams, and one prefill per image or prompt shared by all its samples.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from asg_kit.adapters.base import (
+    CAPTION_PROMPT,
+    EMBED_PROBE,
+    ROLES,
+    AnswerRequest,
+    GeneratedImages,
+    ImageRollout,
+    LoraSettings,
+    TextSample,
+    TokenScores,
+)
+from asg_kit.rewards.entropy import token_entropy
+
+JANUS_MIN_TRANSFORMERS = "4.52"
+CHAT_TEMPLATE = "<|User|>: {image}{text}\n\n<|Assistant|>:"
+
+
+def require_janus():
+    """Import transformers' Janus classes, or fail saying which transformers has them."""
+    try:
+        from transformers import JanusForConditionalGeneration, JanusProcessor
+    except ImportError as error:
+        import transformers
+
+        raise ImportError(
+            f"the Janus backbone needs transformers >= {JANUS_MIN_TRANSFORMERS} with Janus support "
+            f"(installed: {transformers.__version__}); run: pip install -U 'transformers>={JANUS_MIN_TRANSFORMERS}'"
+        ) from error
+    return JanusForConditionalGeneration, JanusProcessor
+
+
+def pil_image_processor_class():
+    """Janus's image processor without torchvision: ``JanusImageProcessorPil`` in
+    transformers 5, the numpy/PIL ``JanusImageProcessor`` before."""
+    try:
+        from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+        return JanusImageProcessorPil
+    except ImportError:
+        from transformers.models.janus.image_processing_janus import JanusImageProcessor
+
+        return JanusImageProcessor
+
+
+def _left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack (length_i, hidden) rows left-padded: embeddings, attention mask, positions."""
+    longest = max(row.shape[0] for row in rows)
+    first = rows[0]
+    embeds = first.new_zeros(len(rows), longest, first.shape[-1])
+    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=first.device)
+    for i, row in enumerate(rows):
+        embeds[i, longest - row.shape[0] :] = row
+        mask[i, longest - row.shape[0] :] = 1
+    return embeds, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    limit = min(len(r) for r in rows) - 1  # every row keeps at least one token of its own
+    length = 0
+    while length < limit and all(r[length] == rows[0][length] for r in rows):
+        length += 1
+    return length
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> tuple[int, float]:
+    """Sample one token from a row of logits; return it with its behaviour log-prob."""
+    if temperature <= 0:
+        token = int(logits.argmax())
+        return token, float(torch.log_softmax(logits, -1)[token])
+    scaled = logits / temperature
+    if top_p < 1.0:
+        probs, order = torch.softmax(scaled, -1).sort(descending=True)
+        outside = probs.cumsum(-1) - probs >= top_p  # keep the smallest set reaching top_p
+        scaled = scaled.clone()
+        scaled[order[outside]] = -torch.inf
+    logprobs = torch.log_softmax(scaled, -1)
+    token = int(torch.multinomial(logprobs.exp(), 1, generator=generator))
+    return token, float(logprobs[token])
+
+
+def _to_pil(decoded: torch.Tensor) -> list[Image.Image]:
+    """(batch, H, W, 3) in [-1, 1] to PIL images."""
+    pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+class JanusAdapter:
+    """A Janus model with one LoRA adapter per role on its language model."""
+
+    name = "janus"
+    generation_paradigm = "ar_tokens"
+    default_model = "deepseek-community/Janus-Pro-1B"
+
+    def __init__(
+        self,
+        model,
+        processor,
+        lora: LoraSettings = LoraSettings(),
+        roles: Sequence[str] = ROLES,
+        chat_template: str = CHAT_TEMPLATE,
+        system_prompt: str = "",
+    ) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        targets = "|".join(lora.target_modules)
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=rf".*language_model\..*\.({targets})",
+            bias="none",
+        )
+        self.roles = tuple(roles)
+        self.peft = get_peft_model(model, config, adapter_name=self.roles[0])
+        for role in self.roles[1:]:
+            self.peft.add_adapter(role, config)
+        self.model = model  # the same module, now holding the LoRA layers
+        self.model.eval()
+        self._lora_parameters = [p for name, p in self.peft.named_parameters() if "lora_" in name]
+        self._active: str | None = self.roles[0]
+        self._activate(None)
+
+        token_id = self.tokenizer.convert_tokens_to_ids
+        self.image_token_id = model.config.image_token_id
+        self.boi_id = token_id(processor.image_start_token)
+        self.eoi_id = token_id(processor.image_end_token)
+        self.image_placeholder = processor.image_token
+        self.num_image_tokens = model.config.vision_config.num_image_tokens
+        self.eos_id = self.tokenizer.eos_token_id
+        self.bos_id = self.tokenizer.bos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        local_files_only: bool | None = None,
+        **options,
+    ) -> "JanusAdapter":
+        """Load a Janus checkpoint in transformers' format from a local directory or a hub
+        id (weights as safetensors only). ``dtype`` e.g. "bfloat16"; ``device`` e.g. "cuda"."""
+        import transformers
+        from transformers import AutoTokenizer
+
+        janus_class, processor_class = require_janus()
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if local_files_only is None:
+            local_files_only = Path(model).is_dir()
+        major = int(transformers.__version__.split(".")[0])
+        dtype_key = "dtype" if major >= 5 else "torch_dtype"
+        try:
+            network = janus_class.from_pretrained(
+                model, use_safetensors=True, local_files_only=local_files_only, **{dtype_key: dtype or torch.float32}
+            )
+        except OSError as error:
+            raise OSError(
+                f"could not load a Janus checkpoint from {str(model)!r}: {error}\n"
+                "Pass a local directory in transformers' Janus format (config.json, *.safetensors, tokenizer and "
+                "preprocessor files), or a hub id on a machine that reaches the hub."
+            ) from error
+        if device is not None:
+            network.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=local_files_only)
+        image_processor = pil_image_processor_class().from_pretrained(model, local_files_only=local_files_only)
+        processor = processor_class(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            num_image_tokens=network.config.vision_config.num_image_tokens,
+        )
+        return cls(network, processor, **options)
+
+    # Roles -----------------------------------------------------------------------------
+
+    def _activate(self, role: str | None) -> None:
+        tuner = self.peft.base_model
+        if role is None:
+            tuner.disable_adapter_layers()
+        else:
+            if role not in self.roles:
+                raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
+            tuner.enable_adapter_layers()
+            self.peft.set_adapter(role)
+        # peft flips requires_grad on every switch; keep all role weights trainable so that a
+        # loss built under a role can be backpropagated after its block ends. Inactive
+        # adapters take no part in the forward pass, so they receive no gradient anyway.
+        for parameter in self._lora_parameters:
+            parameter.requires_grad_(True)
+        self._active = role
+
+    @contextmanager
+    def role(self, name: str | None) -> Iterator[None]:
+        previous = self._active
+        self._activate(name)
+        try:
+            yield
+        finally:
+            self._activate(previous)
+
+    @property
+    def active_role(self) -> str | None:
+        return self._active
+
+    def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
+        if role not in self.roles:
+            raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
+        marker = f".{role}."
+        return [p for name, p in self.peft.named_parameters() if "lora_" in name and marker in name]
+
+    def save_roles(self, path: str | Path) -> None:
+        self.peft.save_pretrained(str(path), selected_adapters=list(self.roles), safe_serialization=True)
+
+    def load_roles(self, path: str | Path) -> None:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        for role in self.roles:
+            folder = Path(path) / role
+            if not (folder / "adapter_model.safetensors").is_file():
+                raise FileNotFoundError(f"no saved adapter for role {role!r}: expected {folder}/adapter_model.safetensors")
+            weights = load_peft_weights(str(folder), device=str(self.device))
+            set_peft_model_state_dict(self.peft, weights, adapter_name=role)
+
+    # Encoding --------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    def _token_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        expanded: list[int] = []
+        for token in ids:
+            if token == self.image_token_id:
+                expanded += [self.boi_id, *[self.image_token_id] * self.num_image_tokens, self.eoi_id]
+            else:
+                expanded.append(token)
+        return expanded
+
+    def prompt_ids(self, text: str, with_image: bool) -> list[int]:
+        """Token ids of a user turn in the chat format, the image expanded to its tokens."""
+        image = f"{self.image_placeholder}\n" if with_image else ""
+        return self._token_ids(self.system_prompt + self.chat_template.format(image=image, text=text))
+
+    def generation_prompt_ids(self, prompt: str) -> list[int]:
+        return self._token_ids(self.system_prompt + self.chat_template.format(image="", text=prompt)) + [self.boi_id]
+
+    def _image_features(self, images: Sequence[Image.Image | None]) -> dict[int, torch.Tensor]:
+        """Aligned vision features of each distinct image object, encoded once."""
+        unique = {id(image): image for image in images if image is not None}
+        if not unique:
+            return {}
+        pixels = self.processor.image_processor(
+            images=[image.convert("RGB") for image in unique.values()], return_tensors="pt"
+        )["pixel_values"].to(self.device, self.dtype)
+        output = self.model.model.get_image_features(pixels)
+        features = getattr(output, "pooler_output", output)  # a model output in transformers 5, a tensor before
+        return dict(zip(unique, features))
+
+    def _embed(self, ids: Sequence[int], features: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = torch.tensor(list(ids), device=self.device)
+        embeds = self.model.get_input_embeddings()(tokens)
+        slots = tokens == self.image_token_id
+        if features is not None and bool(slots.any()):
+            embeds = embeds.masked_scatter(slots[:, None], features.to(embeds.dtype))
+        return embeds
+
+    def _hidden(self, embeds, mask, positions, cache=None) -> torch.Tensor:
+        output = self.model.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return output.last_hidden_state
+
+    @staticmethod
+    def _new_cache():
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    # Understanding ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_answers(self, requests: Sequence[AnswerRequest], max_new_tokens: int = 96, seed: int = 0) -> list[TextSample]:
+        groups: dict[int, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(id(request.image), []).append(index)
+        results: list[TextSample | None] = [None] * len(requests)
+        for indices in groups.values():
+            group = [requests[i] for i in indices]
+            seeds = [r.seed if r.seed is not None else seed + i for r, i in zip(group, indices)]
+            for index, sample in zip(indices, self._sample_group(group, seeds, max_new_tokens)):
+                results[index] = sample
+        return results  # type: ignore[return-value]
+
+    def _sample_group(self, group: Sequence[AnswerRequest], seeds: Sequence[int], max_new_tokens: int) -> list[TextSample]:
+        image = group[0].image
+        features = self._image_features([image]).get(id(image))
+        rows = [self.prompt_ids(r.prompt, image is not None) for r in group]
+        embeds = [self._embed(ids, features) for ids in rows]
+        shared = _common_prefix(rows)
+        count = len(group)
+
+        # One prefill of the shared prefix (image included), copied to every row.
+        cache = self._new_cache()
+        if shared:
+            prefix = embeds[0][:shared][None]
+            ones = torch.ones(1, shared, dtype=torch.long, device=self.device)
+            self._hidden(prefix, ones, (ones.cumsum(-1) - 1), cache)
+            cache.batch_repeat_interleave(count)
+        suffix, suffix_mask, _ = _left_pad([e[shared:] for e in embeds])
+        mask = torch.cat([torch.ones(count, shared, dtype=torch.long, device=self.device), suffix_mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        hidden = self._hidden(suffix, mask, positions[:, shared:], cache)[:, -1]
+        next_position = positions[:, -1:] + 1
+
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        tokens: list[list[int]] = [[] for _ in group]
+        logprobs: list[list[float]] = [[] for _ in group]
+        entropies: list[list[float]] = [[] for _ in group]
+        finished = [False] * count
+        for step in range(max_new_tokens):
+            logits = self.model.lm_head(hidden).float()
+            step_entropy = token_entropy(logits)
+            drawn = []
+            for row, request in enumerate(group):
+                if finished[row]:
+                    drawn.append(self.pad_id)
+                    continue
+                token, logprob = _draw(logits[row], request.temperature, request.top_p, generators[row])
+                tokens[row].append(token)
+                logprobs[row].append(logprob)
+                entropies[row].append(float(step_entropy[row]))
+                finished[row] = token == self.eos_id
+                drawn.append(token)
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            step_embeds = self.model.get_input_embeddings()(torch.tensor(drawn, device=self.device))[:, None]
+            mask = torch.cat([mask, torch.ones(count, 1, dtype=torch.long, device=self.device)], dim=1)
+            hidden = self._hidden(step_embeds, mask, next_position, cache)[:, -1]
+            next_position = next_position + 1
+
+        return [
+            TextSample(
+                text=self.decode(ids),
+                token_ids=ids,
+                logprobs=torch.tensor(lp),
+                entropies=torch.tensor(ent),
+                finished=done,
+            )
+            for ids, lp, ent, done in zip(tokens, logprobs, entropies, finished)
+        ]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        # Special tokens stay (answer tags may be special); only end and padding go.
+        kept = [t for t in token_ids if t not in (self.eos_id, self.pad_id, self.bos_id)]
+        return self.tokenizer.decode(kept, skip_special_tokens=False).strip()
+
+    def encode_completion(self, text: str, finished: bool = True) -> list[int]:
+        """Token ids of a completion text (as ``score_completions`` takes them)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids + ([self.eos_id] if finished else [])
+
+    def score_completions(
+        self, requests: Sequence[AnswerRequest], completions: Sequence[Sequence[int]], keep_logits: bool = False
+    ) -> TokenScores:
+        if len(requests) != len(completions):
+            raise ValueError(f"{len(requests)} requests but {len(completions)} completions")
+        if any(len(c) == 0 for c in completions):
+            raise ValueError("every completion needs at least one token")
+        features = self._image_features([r.image for r in requests])
+        rows = []
+        for request, completion in zip(requests, completions):
+            prompt = self._embed(self.prompt_ids(request.prompt, request.image is not None), features.get(id(request.image)))
+            rows.append(torch.cat([prompt, self._embed(completion)]))
+        embeds, mask, positions = _left_pad(rows)
+        hidden = self._hidden(embeds, mask, positions)
+        return self._score_tail(hidden, completions, self.model.lm_head, keep_logits)
+
+    def _score_tail(self, hidden: torch.Tensor, targets: Sequence[Sequence[int]], head, keep_logits: bool = False) -> TokenScores:
+        """Score each row's last ``len(target)`` tokens from the hidden states before them
+        (rows are left-padded, so every row's targets end at the last position)."""
+        longest = max(len(t) for t in targets)
+        width = hidden.shape[1]
+        index = torch.zeros(len(targets), longest, dtype=torch.long, device=hidden.device)
+        mask = torch.zeros(len(targets), longest, dtype=torch.bool, device=hidden.device)
+        target = torch.zeros(len(targets), longest, dtype=torch.long, device=hidden.device)
+        for row, tokens in enumerate(targets):
+            n = len(tokens)
+            index[row, :n] = torch.arange(width - n - 1, width - 1, device=hidden.device)
+            mask[row, :n] = True
+            target[row, :n] = torch.as_tensor(list(tokens), device=hidden.device)
+        picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = head(picked).float()
+        logprobs = torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
+        with torch.no_grad():
+            entropies = token_entropy(logits.detach())
+        return TokenScores(
+            logprobs=logprobs.masked_fill(~mask, 0.0),
+            entropies=entropies.masked_fill(~mask, 0.0),
+            mask=mask,
+            logits=logits if keep_logits else None,
+        )
+
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str = CAPTION_PROMPT,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> list[str]:
+        requests = [AnswerRequest(image, prompt, temperature=temperature) for image in images]
+        return [s.text for s in self.sample_answers(requests, max_new_tokens=max_new_tokens, seed=seed)]
+
+    # Embeddings (base model) -----------------------------------------------------------
+
+    @torch.no_grad()
+    def _mean_embedding(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        with self.role(None):
+            embeds, mask, positions = _left_pad(rows)
+            hidden = self._hidden(embeds, mask, positions).float()
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        return self._mean_embedding([self._embed(self._token_ids(text)) for text in texts])
+
+    def embed_image_text(self, images: Sequence[Image.Image], texts: Sequence[str] | None = None) -> torch.Tensor:
+        texts = list(texts) if texts is not None else [EMBED_PROBE] * len(images)
+        features = self._image_features(images)
+        rows = [self._embed(self.prompt_ids(text, True), features[id(image)]) for image, text in zip(images, texts)]
+        return self._mean_embedding(rows)
+
+    # Generation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_images(
+        self, prompts: Sequence[str], n: int = 1, guidance_scale: float = 5.0, temperature: float = 1.0, seed: int = 0
+    ) -> GeneratedImages:
+        if temperature <= 0:
+            raise ValueError("image generation samples: temperature must be > 0")
+        images, all_tokens, all_logprobs, prompt_ids, prompt_index, seeds = [], [], [], [], [], []
+        for p, prompt in enumerate(prompts):
+            conditional = self.generation_prompt_ids(prompt)
+            # Janus's unconditional branch keeps only BOS and BOI and pads the rest.
+            unconditional = [t if t in (self.bos_id, self.boi_id) else self.pad_id for t in conditional]
+            row_seeds = [seed + p * n + j for j in range(n)]
+            tokens, logprobs = self._sample_image_tokens(conditional, unconditional, n, guidance_scale, temperature, row_seeds)
+            images.append(_to_pil(self.model.decode_image_tokens(tokens)))
+            all_tokens.append(tokens)
+            all_logprobs.append(logprobs)
+            prompt_ids += [conditional] * n
+            prompt_index += [p] * n
+            seeds += row_seeds
+        rollout = ImageRollout(
+            prompts=list(prompts),
+            prompt_ids=prompt_ids,
+            prompt_index=prompt_index,
+            tokens=torch.cat(all_tokens),
+            behaviour_logprobs=torch.cat(all_logprobs),
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            seeds=seeds,
+        )
+        return GeneratedImages(images, rollout)
+
+    def _sample_image_tokens(self, conditional, unconditional, n, guidance_scale, temperature, seeds):
+        # One prefill per prompt (both branches), copied to its n samples.
+        length = len(conditional)
+        embeds = torch.stack([self._embed(conditional), self._embed(unconditional)])
+        mask = torch.ones(2, length, dtype=torch.long, device=self.device)
+        cache = self._new_cache()
+        hidden = self._hidden(embeds, mask, mask.cumsum(-1) - 1, cache)[:, -1]
+        cache.batch_repeat_interleave(n)
+        hidden = hidden.repeat_interleave(n, dim=0)  # rows: n conditional, then n unconditional
+        mask = mask.repeat_interleave(n, dim=0)
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        tokens = torch.zeros(n, self.num_image_tokens, dtype=torch.long, device=self.device)
+        logprobs = torch.zeros(n, self.num_image_tokens)
+        for step in range(self.num_image_tokens):
+            logits = self.model.model.generation_head(hidden).float()
+            conditional_logits, unconditional_logits = logits[:n], logits[n:]
+            guided = unconditional_logits + guidance_scale * (conditional_logits - unconditional_logits)
+            for row in range(n):
+                token, logprob = _draw(guided[row], temperature, 1.0, generators[row])
+                tokens[row, step] = token
+                logprobs[row, step] = logprob
+            if step == self.num_image_tokens - 1:
+                break
+            step_embeds = self.model.prepare_embeddings_for_image_generation(tokens[:, step].repeat(2))[:, None]
+            mask = torch.cat([mask, torch.ones(2 * n, 1, dtype=torch.long, device=self.device)], dim=1)
+            position = torch.full((2 * n, 1), length + step, device=self.device)
+            hidden = self._hidden(step_embeds, mask, position, cache)[:, -1]
+        return tokens, logprobs
+
+    def generation_logprobs(self, rollout: ImageRollout) -> torch.Tensor:
+        rows = []
+        for ids, tokens in zip(rollout.prompt_ids, rollout.tokens):
+            image_embeds = self.model.prepare_embeddings_for_image_generation(tokens.to(self.device))
+            rows.append(torch.cat([self._embed(ids), image_embeds.to(self.dtype)]))
+        embeds, mask, positions = _left_pad(rows)
+        hidden = self._hidden(embeds, mask, positions)
+        targets = [t.tolist() for t in rollout.tokens]
+        return self._score_tail(hidden, targets, self.model.model.generation_head).logprobs

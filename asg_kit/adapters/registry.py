@@ -1,0 +1,40 @@
+"""Backbone registry: a plain dict from name to the adapter class, imported lazily so that
+one backbone's optional dependencies never break another's."""
+
+from __future__ import annotations
+
+import importlib
+
+from asg_kit.adapters.base import UnifiedBackbone
+
+# name -> (module, class, what to install when the import fails)
+BACKBONES: dict[str, tuple[str, str, str]] = {
+    "janus": ("asg_kit.adapters.janus", "JanusAdapter", "pip install -U 'transformers>=4.52'"),
+}
+
+
+class BackboneUnavailable(ImportError):
+    """A registered backbone whose dependencies are missing."""
+
+
+def adapter_class(name: str) -> type:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; registered backbones: {', '.join(sorted(BACKBONES))}")
+    module_name, class_name, install = BACKBONES[name]
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except ImportError as error:
+        raise BackboneUnavailable(f"backbone {name!r} cannot be imported ({error}); to install it: {install}") from error
+
+
+def load_backbone(name: str, model: str | None = None, **options) -> UnifiedBackbone:
+    """Load backbone ``name`` from ``model`` (a local checkpoint directory or a hub id).
+
+    ``options`` go to the adapter's ``from_pretrained`` (``dtype``, ``device``, ``lora``...).
+    """
+    cls = adapter_class(name)
+    if model is None:
+        model = getattr(cls, "default_model", None)
+        if model is None:
+            raise ValueError(f"backbone {name!r} needs model=<local checkpoint directory or hub id>")
+    return cls.from_pretrained(model, **options)
