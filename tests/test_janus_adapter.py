@@ -12,6 +12,8 @@ from asg_kit.adapters.tiny_janus import build_tiny_janus
 from asg_kit.rewards import token_entropy
 from conftest import perturb_roles
 
+pytestmark = pytest.mark.janus
+
 
 def image(seed, size=32):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))

@@ -3,9 +3,12 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.janus
 def test_readme_python_examples_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     assert blocks, "README has no python example"
@@ -13,6 +16,7 @@ def test_readme_python_examples_run(capsys):
         exec(compile(block, str(README), "exec"), {"__name__": "readme"})
     printed = capsys.readouterr().out
     assert "3 0.796 medium" in printed
+    assert "(32, 32) torch.Size([2, 16])" in printed
 
 
 def test_quickstart_block_has_install_and_test_commands():
