@@ -4,10 +4,11 @@ percentile normalisation (SPEC section 2)."""
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Literal
 
 import torch
+
+from asg_kit.rewards._math import RollingWindow
 
 # One chunk holds about this many logits (16 MiB in float32), whatever the vocabulary.
 _CHUNK_ELEMENTS = 1 << 22
@@ -112,7 +113,7 @@ def solver_token_entropy(
     return reduce_first_k(token_entropy(logits), mask, k=k, reduce=reduce)
 
 
-class RollingPercentile:
+class RollingPercentile(RollingWindow):
     """Percentile-rank difficulty ``d_STE`` of a raw STE value.
 
     ``x`` joins the window of the last ``window`` values (unless ``x <= min_value``), then
@@ -130,14 +131,11 @@ class RollingPercentile:
         center: float = 2.0,
         min_value: float = 1e-6,
     ) -> None:
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.window = window
+        super().__init__(window)
         self.warmup = warmup
         self.slope = slope
         self.center = center
         self.min_value = min_value
-        self.values: deque[float] = deque(maxlen=window)
 
     def _kept(self, x: float) -> bool:
         return math.isfinite(x) and x > self.min_value
@@ -158,14 +156,3 @@ class RollingPercentile:
         if self._kept(float(x)):
             self.values.append(float(x))
         return d
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def state_dict(self) -> dict:
-        return {"window": self.window, "values": list(self.values)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if int(state["window"]) != self.window:
-            raise ValueError(f"state was saved with window={state['window']}, this tracker has {self.window}")
-        self.values = deque((float(v) for v in state["values"]), maxlen=self.window)

@@ -4,13 +4,13 @@ easy threshold and difficulty buckets (SPEC section 2)."""
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
 
-from asg_kit.rewards._math import clip01, gaussian
+from asg_kit.rewards._math import RollingWindow, clip01, gaussian
 from asg_kit.rewards.answers import normalize_answer
 
 Bucket = Literal["easy", "medium", "hard", "unsolvable"]
@@ -67,7 +67,7 @@ def informativeness(
     return clip01(0.5 * bump + 0.5 * max(0.0, 1.0 - stats.margin / margin_max))
 
 
-class EasyThreshold:
+class EasyThreshold(RollingWindow):
     """Adaptive entropy threshold tau_easy below which a question counts as easy.
 
     ``tau_easy = clip(Q1 + 0.25 * IQR, 0.10, 1.2)`` over the last ``window`` vote entropies
@@ -75,11 +75,10 @@ class EasyThreshold:
     """
 
     def __init__(self, window: int = 256, iqr_weight: float = 0.25, lower: float = 0.10, upper: float = 1.2) -> None:
-        self.window = window
+        super().__init__(window)
         self.iqr_weight = iqr_weight
         self.lower = lower
         self.upper = upper
-        self.values: deque[float] = deque(maxlen=window)
 
     @property
     def value(self) -> float:
@@ -93,14 +92,6 @@ class EasyThreshold:
         if math.isfinite(entropy):
             self.values.append(float(entropy))
         return self.value
-
-    def state_dict(self) -> dict:
-        return {"window": self.window, "values": list(self.values)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if int(state["window"]) != self.window:
-            raise ValueError(f"state was saved with window={state['window']}, this threshold has {self.window}")
-        self.values = deque((float(v) for v in state["values"]), maxlen=self.window)
 
 
 def difficulty_bucket(
