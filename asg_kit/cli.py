@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import asg_kit
@@ -19,6 +20,8 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+# Errors go to stderr unwrapped, so that paths and line numbers stay on one line.
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -52,7 +55,7 @@ def rewards(
     try:
         records = load_vote_records(path)
     except (OSError, JsonlError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
     scores = score_vote_records(records)
 
