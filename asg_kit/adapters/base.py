@@ -14,11 +14,11 @@ from typing import Literal, Protocol, Sequence, runtime_checkable
 import torch
 from PIL import Image
 
+from asg_kit.prompts import CAPTION as CAPTION_PROMPT
+from asg_kit.prompts import EMBED_PROBE
+
 ROLES = ("proposer", "solver", "generator")
 GenerationParadigm = Literal["ar_tokens", "rectified_flow", "diffusion"]
-
-CAPTION_PROMPT = "Describe this image in one concise sentence focusing on key visual facts."
-EMBED_PROBE = "Describe this image briefly."
 
 
 @dataclass(frozen=True)

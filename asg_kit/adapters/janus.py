@@ -107,42 +107,29 @@ class JanusAdapter:
 
     name = "janus"
     generation_paradigm = "ar_tokens"
-    default_model = "deepseek-community/Janus-Pro-1B"
+    default_model: str | None = "deepseek-community/Janus-Pro-1B"
 
     def __init__(
         self,
         model,
         processor,
-        lora: LoraSettings = LoraSettings(),
+        lora: LoraSettings | None = LoraSettings(),
         roles: Sequence[str] = ROLES,
         chat_template: str = CHAT_TEMPLATE,
         system_prompt: str = "",
     ) -> None:
-        from peft import LoraConfig, get_peft_model
-
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.chat_template = chat_template
         self.system_prompt = system_prompt
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        targets = "|".join(lora.target_modules)
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=rf".*language_model\..*\.({targets})",
-            bias="none",
-        )
-        self.roles = tuple(roles)
-        self.peft = get_peft_model(model, config, adapter_name=self.roles[0])
-        for role in self.roles[1:]:
-            self.peft.add_adapter(role, config)
-        self.model = model  # the same module, now holding the LoRA layers
-        self.model.eval()
-        self._lora_parameters = [p for name, p in self.peft.named_parameters() if "lora_" in name]
-        self._active: str | None = self.roles[0]
-        self._activate(None)
+        self.model = model
+        self.roles: tuple[str, ...] = ()
+        self.peft = None
+        self._lora_parameters: list[torch.nn.Parameter] = []
+        self._active: str | None = None
+        if lora is not None:  # lora=None: the bare model, e.g. for pretraining its own weights
+            self._add_roles(lora, tuple(roles))
+        self.model.eval()  # after LoRA injection, so that its dropout layers are off too
 
         token_id = self.tokenizer.convert_tokens_to_ids
         self.image_token_id = model.config.image_token_id
@@ -153,6 +140,27 @@ class JanusAdapter:
         self.eos_id = self.tokenizer.eos_token_id
         self.bos_id = self.tokenizer.bos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+
+    def _add_roles(self, lora: LoraSettings, roles: tuple[str, ...]) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        targets = "|".join(lora.target_modules)
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=rf".*language_model\..*\.({targets})",
+            bias="none",
+        )
+        self.roles = roles
+        self.peft = get_peft_model(self.model, config, adapter_name=roles[0])  # injects into self.model
+        for role in roles[1:]:
+            self.peft.add_adapter(role, config)
+        self._lora_parameters = [p for name, p in self.peft.named_parameters() if "lora_" in name]
+        self._active = roles[0]
+        self._activate(None)
 
     @classmethod
     def from_pretrained(
@@ -199,6 +207,10 @@ class JanusAdapter:
     # Roles -----------------------------------------------------------------------------
 
     def _activate(self, role: str | None) -> None:
+        if self.peft is None:
+            if role is not None:
+                raise ValueError(f"this backbone was built without LoRA roles; it has no role {role!r}")
+            return
         tuner = self.peft.base_model
         if role is None:
             tuner.disable_adapter_layers()
@@ -234,12 +246,16 @@ class JanusAdapter:
         return [p for name, p in self.peft.named_parameters() if "lora_" in name and marker in name]
 
     def save_roles(self, path: str | Path) -> None:
+        if self.peft is None:
+            raise ValueError("this backbone was built without LoRA roles: nothing to save")
         self.peft.save_pretrained(str(path), selected_adapters=list(self.roles), safe_serialization=True)
 
     def load_roles(self, path: str | Path) -> None:
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
+        if self.peft is None:
+            raise ValueError("this backbone was built without LoRA roles: nothing to load into")
         for role in self.roles:
             folder = Path(path) / role
             if not (folder / "adapter_model.safetensors").is_file():
@@ -267,13 +283,23 @@ class JanusAdapter:
                 expanded.append(token)
         return expanded
 
+    def _plain(self, text: str) -> str:
+        # Text from users or from the model itself must not smuggle in image slots.
+        for marker in (self.image_placeholder, self.processor.image_start_token, self.processor.image_end_token):
+            text = text.replace(marker, " ")
+        return text
+
     def prompt_ids(self, text: str, with_image: bool) -> list[int]:
         """Token ids of a user turn in the chat format, the image expanded to its tokens."""
         image = f"{self.image_placeholder}\n" if with_image else ""
-        return self._token_ids(self.system_prompt + self.chat_template.format(image=image, text=text))
+        return self._token_ids(self.system_prompt + self.chat_template.format(image=image, text=self._plain(text)))
 
     def generation_prompt_ids(self, prompt: str) -> list[int]:
-        return self._token_ids(self.system_prompt + self.chat_template.format(image="", text=prompt)) + [self.boi_id]
+        return self._token_ids(self.system_prompt + self.chat_template.format(image="", text=self._plain(prompt))) + [self.boi_id]
+
+    def unconditional_ids(self, ids: Sequence[int]) -> list[int]:
+        """Janus's unconditional branch for guidance: only BOS and BOI kept, the rest padded."""
+        return [t if t in (self.bos_id, self.boi_id) else self.pad_id for t in ids]
 
     def _image_features(self, images: Sequence[Image.Image | None]) -> dict[int, torch.Tensor]:
         """Aligned vision features of each distinct image object, encoded once."""
@@ -457,7 +483,7 @@ class JanusAdapter:
         return torch.nn.functional.normalize(pooled, dim=-1)
 
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
-        return self._mean_embedding([self._embed(self._token_ids(text)) for text in texts])
+        return self._mean_embedding([self._embed(self._token_ids(self._plain(text))) for text in texts])
 
     def embed_image_text(self, images: Sequence[Image.Image], texts: Sequence[str] | None = None) -> torch.Tensor:
         texts = list(texts) if texts is not None else [EMBED_PROBE] * len(images)
@@ -476,8 +502,7 @@ class JanusAdapter:
         images, all_tokens, all_logprobs, prompt_ids, prompt_index, seeds = [], [], [], [], [], []
         for p, prompt in enumerate(prompts):
             conditional = self.generation_prompt_ids(prompt)
-            # Janus's unconditional branch keeps only BOS and BOI and pads the rest.
-            unconditional = [t if t in (self.bos_id, self.boi_id) else self.pad_id for t in conditional]
+            unconditional = self.unconditional_ids(conditional)
             row_seeds = [seed + p * n + j for j in range(n)]
             tokens, logprobs = self._sample_image_tokens(conditional, unconditional, n, guidance_scale, temperature, row_seeds)
             images.append(_to_pil(self.model.decode_image_tokens(tokens)))

@@ -10,6 +10,7 @@ from asg_kit.adapters.base import UnifiedBackbone
 # name -> (module, class, what to install when the import fails)
 BACKBONES: dict[str, tuple[str, str, str]] = {
     "janus": ("asg_kit.adapters.janus", "JanusAdapter", "pip install -U 'transformers>=4.52'"),
+    "micro": ("asg_kit.adapters.micro", "MicroAdapter", "pip install -U 'transformers>=4.52'"),
 }
 
 
@@ -33,8 +34,4 @@ def load_backbone(name: str, model: str | None = None, **options) -> UnifiedBack
     ``options`` go to the adapter's ``from_pretrained`` (``dtype``, ``device``, ``lora``...).
     """
     cls = adapter_class(name)
-    if model is None:
-        model = getattr(cls, "default_model", None)
-        if model is None:
-            raise ValueError(f"backbone {name!r} needs model=<local checkpoint directory or hub id>")
-    return cls.from_pretrained(model, **options)
+    return cls.from_pretrained(model if model is not None else cls.default_model, **options)

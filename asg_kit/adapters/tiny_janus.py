@@ -47,6 +47,9 @@ class TinyJanusSize:
     codebook: int = 64
     vq_base_channels: int = 32
     vq_channel_multiplier: tuple[int, ...] = (1, 1, 1, 1)
+    vq_res_blocks: int = 1
+    vq_latent_channels: int = 8
+    vision_heads: int = 4
     max_positions: int = 512
 
 
@@ -108,7 +111,7 @@ def build_tiny_janus(words: Iterable[str] = DEFAULT_WORDS, size: TinyJanusSize =
         vision_config={
             "hidden_size": size.vision_hidden,
             "num_hidden_layers": size.vision_layers,
-            "num_attention_heads": 4,
+            "num_attention_heads": size.vision_heads,
             "image_size": size.image_size,
             "patch_size": size.patch_size,
             "mlp_ratio": 2,
@@ -118,10 +121,10 @@ def build_tiny_janus(words: Iterable[str] = DEFAULT_WORDS, size: TinyJanusSize =
         vq_config={
             "embed_dim": 8,
             "num_embeddings": size.codebook,
-            "latent_channels": 8,
+            "latent_channels": size.vq_latent_channels,
             "base_channels": size.vq_base_channels,
             "channel_multiplier": list(size.vq_channel_multiplier),
-            "num_res_blocks": 1,
+            "num_res_blocks": size.vq_res_blocks,
             "projection_dim": size.hidden,
             "image_token_embed_dim": size.hidden,
         },

@@ -1,0 +1,106 @@
+"""GenEval's decision rules and summary, independent of any detector.
+
+A prompt's metadata (``tag``, ``include``, optional ``exclude``, ``prompt``) is judged
+against the objects found in one image. The rules follow GenEval's evaluator: each include
+clause takes the ``count`` most confident objects of its class (fewer is wrong); a colour
+needs each of them to have that colour; a position needs every one of them to stand in the
+relation to every object kept for the target clause; an exclude clause fails the image when
+its class is found ``count`` times or more. The summary averages images per category and
+the overall score is the mean of the category means.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+@dataclass(frozen=True)
+class FoundObject:
+    cls: str
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1; y grows downward
+    color: str | None = None
+    score: float = 1.0
+
+
+def relations(box_a: Sequence[float], box_b: Sequence[float], threshold: float = 0.1) -> set[str]:
+    """Relations of box a to box b by GenEval's rule.
+
+    offset = centre_a - centre_b; each axis of |offset| shrinks by threshold * (size_a +
+    size_b) on that axis (floored at 0); with nothing left there is no relation; else the
+    shrunk offset over the unshrunk norm gives "left of" / "right of" below -0.5 / above
+    0.5 on x, "above" / "below" likewise on y (several can hold).
+    """
+    offset = ((box_a[0] + box_a[2] - box_b[0] - box_b[2]) / 2, (box_a[1] + box_a[3] - box_b[1] - box_b[3]) / 2)
+    sizes = (box_a[2] - box_a[0] + box_b[2] - box_b[0], box_a[3] - box_a[1] + box_b[3] - box_b[1])
+    shrunk = [math.copysign(max(0.0, abs(o) - threshold * s), o) for o, s in zip(offset, sizes)]
+    norm = math.hypot(*offset)
+    if norm == 0 or (abs(shrunk[0]) < 1e-9 and abs(shrunk[1]) < 1e-9):
+        return set()
+    dx, dy = shrunk[0] / norm, shrunk[1] / norm
+    found = set()
+    if dx < -0.5:
+        found.add("left of")
+    if dx > 0.5:
+        found.add("right of")
+    if dy < -0.5:
+        found.add("above")
+    if dy > 0.5:
+        found.add("below")
+    return found
+
+
+def judge(metadata: dict, objects: Iterable[FoundObject], position_threshold: float = 0.1) -> tuple[bool, str]:
+    """(correct, reason) for one image of the prompt described by ``metadata``."""
+    by_class: dict[str, list[FoundObject]] = {}
+    for obj in sorted(objects, key=lambda o: -o.score):
+        by_class.setdefault(obj.cls, []).append(obj)
+    kept: list[list[FoundObject]] = []
+    for clause in metadata["include"]:
+        cls, count = clause["class"], clause["count"]
+        found = by_class.get(cls, [])[:count]
+        if len(found) < count:
+            return False, f"expected {cls}>={count}, found {len(by_class.get(cls, []))}"
+        color = clause.get("color")
+        if color is not None:
+            wrong = [o.color for o in found if o.color != color]
+            if wrong:
+                return False, f"expected {color} {cls}, found {' '.join(str(c) for c in wrong)} {cls}"
+        if "position" in clause:
+            relation, target = clause["position"]
+            if target >= len(kept):
+                raise ValueError(f"position clause of {cls!r} points at clause {target}, which is not before it")
+            for subject in found:
+                for anchor in kept[target]:
+                    if relation not in relations(subject.box, anchor.box, position_threshold):
+                        return False, f"expected {cls} {relation} target, found {' and '.join(sorted(relations(subject.box, anchor.box, position_threshold))) or 'no relation'}"
+        kept.append(found)
+    for clause in metadata.get("exclude", []):
+        cls, count = clause["class"], clause["count"]
+        if len(by_class.get(cls, [])) >= count:
+            return False, f"expected {cls}<{count}, found {len(by_class[cls])}"
+    return True, "correct"
+
+
+def summarize(results: Iterable[dict]) -> dict:
+    """Per-category means of ``correct`` over images, and overall = mean of those means.
+
+    ``results`` are rows with ``tag`` and ``correct``; categories with no image are left
+    out of the overall mean (and reported as None).
+    """
+    totals: dict[str, list[int]] = {}
+    for row in results:
+        totals.setdefault(row["tag"], []).append(bool(row["correct"]))
+    categories = {tag: (sum(v) / len(v) if v else None) for tag, v in ((t, totals.get(t, [])) for t in CATEGORIES)}
+    for tag, values in totals.items():
+        if tag not in categories:
+            categories[tag] = sum(values) / len(values)
+    present = [v for v in categories.values() if v is not None]
+    return {
+        "categories": categories,
+        "overall": sum(present) / len(present) if present else None,
+        "images": sum(len(v) for v in totals.values()),
+    }

@@ -1,0 +1,257 @@
+"""Train the micro model from scratch on the shapes world, on a CPU.
+
+A tiny Janus (``asg_kit.micro.model``) learns in two stages:
+
+1. ``vq``: its VQ image tokenizer learns to encode and decode renders (cosine-distance
+   codebook with straight-through gradients, dead codes restarted from encoder outputs);
+2. ``lm``: with the tokenizer frozen, its vision encoder, language model and generation
+   head learn every role's job at once: answering questions under the 7 Solver framings,
+   captioning, asking questions, writing generation specs (text, through ``lm_head``), and
+   drawing a prompt's image token by token (through ``generation_head``; 10 % of prompts
+   blanked, so that classifier-free guidance has an unconditional branch to work with).
+
+Every batch is drawn from an RNG seeded by (seed, stage, step), so a run resumed from its
+last checkpoint sees the same data as one never stopped. Checkpoints are written
+atomically; ``export`` writes the finished model in transformers' Janus format.
+
+    asgkit micro train runs/micro            # resumes if runs/micro has a checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from asg_kit.adapters.base import AnswerRequest, ImageRollout
+from asg_kit.adapters.janus import JanusAdapter
+from asg_kit.micro import tasks
+
+
+@dataclass
+class MicroTrainConfig:
+    seed: int = 0
+    image_size: int = 64
+    vq_steps: int = 3000
+    vq_batch: int = 16
+    vq_lr: float = 1e-3
+    vq_restart_every: int = 25
+    lm_steps: int = 6000
+    text_batch: int = 16
+    image_batch: int = 16
+    lm_lr: float = 2e-3
+    lm_min_lr_share: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    uncond_share: float = 0.1
+    checkpoint_every: int = 250
+    threads: int = 0  # 0: torch's default
+
+
+def pixels_to_tensor(images, device=None) -> torch.Tensor:
+    """PIL images to (batch, 3, H, W) in [-1, 1], the VQ model's input range."""
+    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).to(device)
+
+
+def quantize(vq, pixels: torch.Tensor):
+    """Encode to the unit-norm codebook by cosine similarity: (unit latents, quantized, ids).
+
+    Janus decodes from L2-normalised codebook entries, so quantizing by cosine keeps
+    encoding and decoding consistent; once the codebook is normalised in place
+    (``export``), Janus's own Euclidean ``encode`` picks the same ids.
+    """
+    latents = F.normalize(vq.quant_conv(vq.encoder(pixels)), dim=1)
+    codebook = F.normalize(vq.quantize.embedding.weight, dim=1)
+    ids = torch.einsum("bchw,nc->bnhw", latents, codebook).argmax(1)
+    return latents, codebook[ids].permute(0, 3, 1, 2), ids
+
+
+def _rng(config: MicroTrainConfig, stage: str, step: int) -> random.Random:
+    return random.Random(f"{config.seed}-{stage}-{step}")
+
+
+def _lr(config: MicroTrainConfig, step: int) -> float:
+    if step < config.warmup:
+        return config.lm_lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.lm_steps - config.warmup)
+    floor = config.lm_min_lr_share
+    return config.lm_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _save_checkpoint(out: Path, model, processor, optimizer, progress: dict) -> None:
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "progress.json").write_text(json.dumps(progress))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path):
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    folder = out / "checkpoint"
+    if not (folder / "progress.json").is_file():
+        return None
+    model = JanusForConditionalGeneration.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    processor = JanusProcessor.from_pretrained(folder, local_files_only=True)
+    progress = json.loads((folder / "progress.json").read_text())
+    optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
+    return model, processor, progress, optimizer_state
+
+
+def train(config: MicroTrainConfig, out: str | Path, log: Callable[[dict], None] = lambda row: None, stop_after: int | None = None) -> Path:
+    """Run (or resume) both stages in ``out`` and export the model to ``out/model``.
+
+    ``log`` receives one dict per logged step; ``stop_after`` ends the run after that many
+    optimizer steps in this call (for tests of resuming). Returns the export folder, or the
+    checkpoint folder when stopped early.
+    """
+    from asg_kit.micro.model import build_micro_janus
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    loaded = _load_checkpoint(out)
+    if loaded is None:
+        torch.manual_seed(config.seed)
+        model, processor = build_micro_janus(seed=config.seed, image_size=config.image_size)
+        progress, optimizer_state = {"stage": "vq", "step": 0}, None
+    else:
+        model, processor, progress, optimizer_state = loaded
+    budget = stop_after if stop_after is not None else math.inf
+    metrics = out / "metrics.jsonl"
+
+    # Stage 1: the VQ image tokenizer --------------------------------------------------
+    vq = model.model.vqmodel
+    if progress["stage"] == "vq":
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in vq.parameters():
+            parameter.requires_grad_(True)
+        vq.train()
+        optimizer = torch.optim.Adam(vq.parameters(), lr=config.vq_lr)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        started = time.time()
+        for step in range(progress["step"], config.vq_steps):
+            if budget <= 0:
+                _save_checkpoint(out, model, processor, optimizer, {"stage": "vq", "step": step})
+                return out / "checkpoint"
+            rng = _rng(config, "vq", step)
+            pixels = pixels_to_tensor([tasks.world.render(tasks.world.sample_scene(rng), config.image_size) for _ in range(config.vq_batch)])
+            latents, quantized, ids = quantize(vq, pixels)
+            decoded = vq.decoder(vq.post_quant_conv(latents + (quantized - latents).detach()))
+            reconstruction = F.mse_loss(decoded, pixels)
+            loss = reconstruction + F.mse_loss(quantized, latents.detach()) + 0.25 * F.mse_loss(latents, quantized.detach())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            budget -= 1
+            if step % config.vq_restart_every == 0:
+                with torch.no_grad():  # restart unused codes at random encoder outputs
+                    used = torch.zeros(vq.quantize.num_embeddings, dtype=torch.bool)
+                    used[ids.unique()] = True
+                    dead = (~used).nonzero().squeeze(1)
+                    pool = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+                    pick = torch.randint(len(pool), (len(dead),), generator=torch.Generator().manual_seed(config.seed * 7919 + step))
+                    vq.quantize.embedding.weight[dead] = pool[pick]
+            row = {"stage": "vq", "step": step, "loss": loss.item(), "reconstruction": reconstruction.item(), "codes_used": int(ids.unique().numel()), "seconds": time.time() - started}
+            if step % 50 == 0 or step == config.vq_steps - 1:
+                log(row)
+                with metrics.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            if (step + 1) % config.checkpoint_every == 0:
+                _save_checkpoint(out, model, processor, optimizer, {"stage": "vq", "step": step + 1})
+        with torch.no_grad():  # Janus decodes from unit-norm entries: make its encode agree
+            vq.quantize.embedding.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=1))
+        progress, optimizer_state = {"stage": "lm", "step": 0}, None
+        _save_checkpoint(out, model, processor, optimizer, progress)
+
+    # Stage 2: vision encoder, language model and generation head ------------------------
+    if progress["stage"] == "lm":
+        backbone = JanusAdapter(model, processor, lora=None)
+        trainable = [p for name, p in model.named_parameters() if not name.startswith("model.vqmodel.")]
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        model.train()
+        vq.eval()
+        optimizer = torch.optim.AdamW(trainable, lr=config.lm_lr, weight_decay=config.weight_decay)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        started = time.time()
+        for step in range(progress["step"], config.lm_steps):
+            if budget <= 0:
+                _save_checkpoint(out, model, processor, optimizer, {"stage": "lm", "step": step})
+                return out / "checkpoint"
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(config, step)
+            rng = _rng(config, "lm", step)
+
+            texts = [tasks.text_example(rng, image_size=config.image_size) for _ in range(config.text_batch)]
+            requests = [AnswerRequest(example.image, example.prompt) for example in texts]
+            completions = [backbone.encode_completion(example.target) for example in texts]
+            scores = backbone.score_completions(requests, completions)
+            text_loss = -(scores.logprobs.sum() / scores.mask.sum())
+
+            drawings = [tasks.image_example(rng, config.image_size) for _ in range(config.image_batch)]
+            with torch.no_grad():
+                _, _, ids = quantize(vq, pixels_to_tensor([d.image for d in drawings]))
+            prompt_ids = [backbone.generation_prompt_ids(d.prompt) for d in drawings]
+            prompt_ids = [backbone.unconditional_ids(p) if rng.random() < config.uncond_share else p for p in prompt_ids]
+            rollout = ImageRollout(
+                prompts=[d.prompt for d in drawings],
+                prompt_ids=prompt_ids,
+                prompt_index=list(range(len(drawings))),
+                tokens=ids.reshape(len(drawings), -1),
+                behaviour_logprobs=torch.zeros(ids.shape[0], ids[0].numel()),
+                guidance_scale=1.0,
+                temperature=1.0,
+            )
+            image_loss = -backbone.generation_logprobs(rollout).mean()
+
+            loss = text_loss + image_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            budget -= 1
+            row = {"stage": "lm", "step": step, "loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(), "lr": _lr(config, step), "seconds": time.time() - started}
+            if step % 25 == 0 or step == config.lm_steps - 1:
+                log(row)
+                with metrics.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            if (step + 1) % config.checkpoint_every == 0:
+                _save_checkpoint(out, model, processor, optimizer, {"stage": "lm", "step": step + 1})
+        progress = {"stage": "done", "step": 0}
+        model.eval()
+        _save_checkpoint(out, model, processor, optimizer, progress)
+
+    export = out / "model"
+    shutil.rmtree(export, ignore_errors=True)
+    model.save_pretrained(export, safe_serialization=True)
+    processor.save_pretrained(export)
+    return export

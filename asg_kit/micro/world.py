@@ -1,0 +1,327 @@
+"""The shapes world: flat shapes on a plain canvas with exact ground truth.
+
+Scenes of 1 to 4 objects (shape, colour, size, position), an anti-aliased renderer,
+captions, questions with answers, and generation prompts in GenEval's six categories with
+metadata in GenEval's format. Everything is seeded: the same ``random.Random`` state gives
+the same scenes, texts and pixels.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterable
+
+from PIL import Image, ImageDraw
+
+from asg_kit.geneval import CATEGORIES
+from asg_kit.geneval import relations as box_relations
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 70),
+    "blue": (40, 90, 225),
+    "yellow": (235, 205, 30),
+    "purple": (145, 60, 195),
+    "orange": (245, 135, 25),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+SIZES = {"small": 0.19, "large": 0.31}  # the object's extent as a share of the canvas side
+BACKGROUND = (245, 245, 240)
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+RELATIONS = ("left of", "right of", "above", "below")
+# Objects keep this gap (share of the canvas) between their boxes so they never touch.
+GAP = 0.06
+# GenEval's position rule: shrink each axis of the centre offset by this share of the sizes.
+POSITION_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    size: str
+    cx: float  # centre, as a share of the canvas side (y grows downward)
+    cy: float
+
+    @property
+    def extent(self) -> float:
+        return SIZES[self.size]
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        half = self.extent / 2
+        return (self.cx - half, self.cy - half, self.cx + half, self.cy + half)
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+
+    def count(self, shape: str | None = None, color: str | None = None) -> int:
+        return sum(1 for o in self.objects if (shape is None or o.shape == shape) and (color is None or o.color == color))
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+    kind: str  # color, shape, count, exist, position, yesno
+
+
+def relations(a: Obj, b: Obj, threshold: float = POSITION_THRESHOLD) -> set[str]:
+    """Relations of object ``a`` to object ``b`` by GenEval's rule (``geneval.relations``)."""
+    return box_relations(a.box, b.box, threshold)
+
+
+def dominant_relation(a: Obj, b: Obj) -> str | None:
+    """The one relation of ``a`` to ``b`` when exactly one holds, else None."""
+    found = relations(a, b)
+    return next(iter(found)) if len(found) == 1 else None
+
+
+def _boxes_apart(a: Obj, b: Obj) -> bool:
+    ax0, ay0, ax1, ay1 = a.box
+    bx0, by0, bx1, by1 = b.box
+    return ax1 + GAP <= bx0 or bx1 + GAP <= ax0 or ay1 + GAP <= by0 or by1 + GAP <= ay0
+
+
+def place(rng: random.Random, specs: Iterable[tuple[str, str, str]], tries: int = 200) -> tuple[Obj, ...] | None:
+    """Place objects (shape, colour, size) at random, apart from each other; None if the
+    canvas could not hold them within ``tries`` attempts per object."""
+    placed: list[Obj] = []
+    for shape, color, size in specs:
+        half = SIZES[size] / 2
+        for _ in range(tries):
+            obj = Obj(shape, color, size, rng.uniform(half + 0.03, 1 - half - 0.03), rng.uniform(half + 0.03, 1 - half - 0.03))
+            if all(_boxes_apart(obj, other) for other in placed):
+                placed.append(obj)
+                break
+        else:
+            return None
+    return tuple(placed)
+
+
+def sample_scene(rng: random.Random, n_objects: int | None = None, max_objects: int = 4) -> Scene:
+    """A random scene of 1..max_objects objects (or exactly ``n_objects``)."""
+    while True:
+        n = n_objects or rng.randint(1, max_objects)
+        specs = [(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES))) for _ in range(n)]
+        objects = place(rng, specs)
+        if objects is not None:
+            return Scene(objects)
+
+
+def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
+    """Draw the scene at ``supersample`` times the size, then area-average down: exact
+    anti-aliasing with flat colours inside each shape."""
+    big = size * supersample
+    canvas = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = (v * big for v in obj.box)
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        elif obj.shape == "cross":
+            third = (x1 - x0) / 3
+            draw.rectangle((x0 + third, y0, x1 - third, y1), fill=fill)
+            draw.rectangle((x0, y0 + third, x1, y1 - third), fill=fill)
+        else:
+            raise ValueError(f"unknown shape {obj.shape!r}")
+    return canvas.resize((size, size), Image.BOX)
+
+
+# Text ------------------------------------------------------------------------------------
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _phrase(obj: Obj, with_size: bool = False) -> str:
+    words = ([obj.size] if with_size else []) + [obj.color, obj.shape]
+    return f"{_article(words[0])} {' '.join(words)}"
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """One of several caption templates, true of the scene."""
+    objects = list(scene.objects)
+    with_size = rng.random() < 0.3
+    if len(objects) == 2 and rng.random() < 0.5:
+        relation = dominant_relation(objects[0], objects[1])
+        if relation:
+            return f"{_phrase(objects[0], with_size)} {relation} {_phrase(objects[1], with_size)}"
+    groups: dict[str, int] = {}
+    for obj in objects:
+        groups[obj.name] = groups.get(obj.name, 0) + 1
+    parts = []
+    for name, count in groups.items():
+        color, shape = name.split()
+        parts.append(f"{_article(color)} {name}" if count == 1 else f"{NUMBER_WORDS[count]} {color} {PLURALS[shape]}")
+    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    template = rng.choice(("{listing}", "an image of {listing}", "there is {listing}" if len(objects) == 1 else "there are {listing}"))
+    return template.format(listing=listing)
+
+
+def _unique(scene: Scene, predicate) -> Obj | None:
+    found = [o for o in scene.objects if predicate(o)]
+    return found[0] if len(found) == 1 else None
+
+
+def _reference(scene: Scene, obj: Obj) -> str | None:
+    """The shortest unambiguous name of ``obj``: "the circle", "the red circle", or None."""
+    if scene.count(shape=obj.shape) == 1:
+        return f"the {obj.shape}"
+    if scene.count(shape=obj.shape, color=obj.color) == 1:
+        return f"the {obj.color} {obj.shape}"
+    return None
+
+
+def scene_questions(scene: Scene) -> list[QA]:
+    """Every question this world asks about a scene, each with its one true answer."""
+    out: list[QA] = []
+    for obj in scene.objects:
+        ref = _reference(scene, obj)
+        if ref:
+            out.append(QA(f"what color is {ref} ?", obj.color, "color"))
+        if scene.count(color=obj.color) == 1:
+            out.append(QA(f"what shape is the {obj.color} object ?", obj.shape, "shape"))
+    for shape in SHAPES:
+        out.append(QA(f"how many {PLURALS[shape]} are there ?", str(scene.count(shape=shape)), "count"))
+    for color in COLORS:
+        if scene.count(color=color):
+            out.append(QA(f"how many {color} objects are there ?", str(scene.count(color=color)), "count"))
+    out.append(QA("how many objects are there ?", str(len(scene.objects)), "count"))
+    for color in COLORS:
+        for shape in SHAPES:
+            present = scene.count(shape=shape, color=color) > 0
+            out.append(QA(f"is there {_article(color)} {color} {shape} ?", "yes" if present else "no", "exist"))
+    for a in scene.objects:
+        for b in scene.objects:
+            ref_a, ref_b = _reference(scene, a), _reference(scene, b)
+            if a is b or not ref_a or not ref_b:
+                continue
+            relation = dominant_relation(a, b)
+            if relation:
+                out.append(QA(f"where is {ref_a} relative to {ref_b} ?", relation.split()[0], "position"))
+            held = relations(a, b)
+            for asked in RELATIONS:
+                # Ask yes/no only where the answer is clear-cut both ways.
+                if asked in held or (held and asked not in held):
+                    out.append(QA(f"is {ref_a} {asked} {ref_b} ?", "yes" if asked in held else "no", "yesno"))
+    return out
+
+
+def sample_question(scene: Scene, rng: random.Random) -> QA:
+    """A question drawn evenly over kinds, then over the questions of that kind."""
+    by_kind: dict[str, list[QA]] = {}
+    for qa in scene_questions(scene):
+        by_kind.setdefault(qa.kind, []).append(qa)
+    kind = rng.choice(sorted(by_kind))
+    options = by_kind[kind]
+    if kind == "exist":  # as many yes as no
+        yes = [q for q in options if q.answer == "yes"]
+        no = [q for q in options if q.answer == "no"]
+        options = yes if yes and rng.random() < 0.5 else no
+    return rng.choice(options)
+
+
+# Generation prompts (GenEval's six categories) --------------------------------------------
+
+def _two_shapes(rng: random.Random) -> tuple[str, str]:
+    first, second = rng.sample(SHAPES, 2)
+    return first, second
+
+
+def sample_prompt(rng: random.Random, category: str | None = None) -> dict:
+    """A generation prompt with GenEval-format metadata: tag, include, exclude, prompt."""
+    tag = category or rng.choice(CATEGORIES)
+    if tag == "single_object":
+        shape = rng.choice(SHAPES)
+        return {"tag": tag, "include": [{"class": shape, "count": 1}], "prompt": f"a photo of a {shape}"}
+    if tag == "two_object":
+        a, b = _two_shapes(rng)
+        return {"tag": tag, "include": [{"class": a, "count": 1}, {"class": b, "count": 1}], "prompt": f"a photo of a {a} and a {b}"}
+    if tag == "counting":
+        shape, n = rng.choice(SHAPES), rng.randint(2, 4)
+        return {
+            "tag": tag,
+            "include": [{"class": shape, "count": n}],
+            "exclude": [{"class": shape, "count": n + 1}],
+            "prompt": f"a photo of {NUMBER_WORDS[n]} {PLURALS[shape]}",
+        }
+    if tag == "colors":
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        return {"tag": tag, "include": [{"class": shape, "count": 1, "color": color}], "prompt": f"a photo of {_article(color)} {color} {shape}"}
+    if tag == "position":
+        a, b = _two_shapes(rng)
+        relation = rng.choice(RELATIONS)
+        return {
+            "tag": tag,
+            "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}],
+            "prompt": f"a photo of a {a} {relation} a {b}",
+        }
+    if tag == "color_attr":
+        a, b = _two_shapes(rng)
+        ca, cb = rng.sample(list(COLORS), 2)
+        return {
+            "tag": tag,
+            "include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
+            "prompt": f"a photo of {_article(ca)} {ca} {a} and {_article(cb)} {cb} {b}",
+        }
+    raise ValueError(f"unknown GenEval category {tag!r}; categories: {', '.join(CATEGORIES)}")
+
+
+def scene_for_prompt(metadata: dict, rng: random.Random, margin: float = 2 * POSITION_THRESHOLD) -> Scene:
+    """A scene that satisfies a prompt's metadata (what it leaves open is random).
+
+    Positions hold with twice GenEval's threshold, so a judge's box a pixel off still agrees.
+    """
+    include = metadata["include"]
+    while True:
+        specs = []
+        for clause in include:
+            for _ in range(clause["count"]):
+                specs.append((clause["class"], clause.get("color") or rng.choice(list(COLORS)), rng.choice(list(SIZES))))
+        objects = place(rng, specs)
+        if objects is None:
+            continue
+        scene = Scene(objects)
+        ok = True
+        for i, clause in enumerate(include):
+            if "position" in clause:
+                relation, target = clause["position"]
+                subject = [o for o in objects if o.shape == clause["class"]]
+                anchor = [o for o in objects if o.shape == include[target]["class"]]
+                ok &= all(relation in relations(s, t, margin) for s in subject for t in anchor)
+        if ok:
+            return scene
+
+
+def spec_for_scene(scene: Scene, rng: random.Random, max_pairs: int = 3):
+    """A generation spec a perfect Proposer would write for this scene: a caption as the
+    prompt and up to three of the scene's questions with their answers."""
+    from asg_kit.rewards.spec import GenerationSpec, QAPair
+
+    questions = scene_questions(scene)
+    rng.shuffle(questions)
+    kinds_seen: set[str] = set()
+    pairs = []
+    for qa in questions:
+        if qa.kind in kinds_seen or (qa.kind == "exist" and qa.answer == "no"):
+            continue
+        kinds_seen.add(qa.kind)
+        pairs.append(QAPair(qa.question, qa.answer))
+        if len(pairs) == max_pairs:
+            break
+    return GenerationSpec(caption(scene, rng), tuple(pairs))

@@ -1,0 +1,277 @@
+"""Scorers that ask a backbone: the Solver judging generated images (QA fidelity, cycle
+captioning, the combined generation reward) and the understanding-step difficulty of an
+unlabeled image. They work with any ``UnifiedBackbone`` and return full breakdowns: every
+question, every Solver answer, every match, the caption, the cosines.
+
+Work on one image is shared: all questions and samples on an image go to the backbone in
+one ``sample_answers`` call, which encodes the image once and prefills the common prefix
+once (``shared=False`` makes one call per question and sample, for comparison).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from asg_kit import prompts
+from asg_kit.adapters.base import AnswerRequest, TextSample, UnifiedBackbone
+from asg_kit.rewards._math import clip01
+from asg_kit.rewards.answers import normalize_answer, polarity, soft_match, split_answer
+from asg_kit.rewards.entropy import RollingPercentile, reduce_first_k
+from asg_kit.rewards.generation import contradiction, diversity_contributions, generation_reward
+from asg_kit.rewards.spec import GenerationSpec, sanitize_spec, spec_quality
+from asg_kit.rewards.votes import EasyThreshold, difficulty_bucket, vote_stats
+
+
+def _sample(backbone: UnifiedBackbone, requests: list[AnswerRequest], max_new_tokens: int, shared: bool) -> list[TextSample]:
+    if shared:
+        return backbone.sample_answers(requests, max_new_tokens=max_new_tokens)
+    return [backbone.sample_answers([r], max_new_tokens=max_new_tokens)[0] for r in requests]
+
+
+@dataclass
+class QuestionCheck:
+    question: str
+    expected: str
+    answers: list[str]
+    majority: str
+    majority_share: float
+    match: float
+    score: float  # 0.7 * match + 0.3 * majority_share
+    contradicts: bool
+
+
+@dataclass
+class FidelityResult:
+    checks: list[QuestionCheck]
+    s_fid: float  # mean of the checks' scores (0 with no question)
+    contradiction: float
+
+
+class QAFidelityScorer:
+    """The Solver answers each spec question on each image ``samples`` times (temperature
+    1.3, canonical framing); per question ``0.7 * soft_match(majority, expected) + 0.3 * f``;
+    ``S_fid`` is their mean and ``C`` the share of yes/no questions answered the other way."""
+
+    def __init__(
+        self,
+        backbone: UnifiedBackbone,
+        samples: int = 2,
+        temperature: float = 1.3,
+        role: str | None = "solver",
+        max_new_tokens: int = 16,
+        seed: int = 0,
+        shared: bool = True,
+    ) -> None:
+        self.backbone, self.samples, self.temperature, self.role = backbone, samples, temperature, role
+        self.max_new_tokens, self.seed, self.shared = max_new_tokens, seed, shared
+
+    def score(self, images: Sequence[Image.Image], specs: Sequence[GenerationSpec]) -> list[FidelityResult]:
+        if len(images) != len(specs):
+            raise ValueError(f"{len(images)} images but {len(specs)} specs")
+        pairs = [sanitize_spec(spec).spec.qa for spec in specs]
+        requests, owners = [], []
+        for i, (image, qa) in enumerate(zip(images, pairs)):
+            for j, pair in enumerate(qa):
+                for k in range(self.samples):
+                    seed = self.seed + 1000 * i + 10 * j + k
+                    requests.append(AnswerRequest(image, prompts.solver_prompt(pair.question), self.temperature, seed=seed))
+                    owners.append((i, j))
+        with self.backbone.role(self.role):
+            replies = _sample(self.backbone, requests, self.max_new_tokens, self.shared) if requests else []
+        answers: dict[tuple[int, int], list[str]] = {}
+        for owner, reply in zip(owners, replies):
+            answers.setdefault(owner, []).append(split_answer(reply.text)[0])
+        results = []
+        for i, qa in enumerate(pairs):
+            checks = []
+            for j, pair in enumerate(qa):
+                stats = vote_stats(answers[(i, j)])
+                match = soft_match(stats.majority, pair.expected)
+                got, want = polarity(stats.majority), polarity(normalize_answer(pair.expected))
+                checks.append(
+                    QuestionCheck(
+                        question=pair.question,
+                        expected=pair.expected,
+                        answers=answers[(i, j)],
+                        majority=stats.majority,
+                        majority_share=stats.majority_share,
+                        match=match,
+                        score=0.7 * match + 0.3 * stats.majority_share,
+                        contradicts=bool(got and want and got != want),
+                    )
+                )
+            s_fid = sum(c.score for c in checks) / len(checks) if checks else 0.0
+            contra = contradiction([c.majority for c in checks], [c.expected for c in checks])
+            results.append(FidelityResult(checks, s_fid, contra))
+        return results
+
+
+@dataclass
+class CycleResult:
+    caption: str
+    cos_prompt_caption: float
+    cos_image_prompt: float
+    s_cyc: float
+
+
+class CycleCaptionScorer:
+    """``S_cyc = clip01(0.5 * cos(e(prompt), e(caption)) + 0.5 * cos(e_mm(image, probe),
+    e(prompt)))``: the Solver captions the image; ``e`` and ``e_mm`` are the backbone's own
+    base-model embeddings (no external CLIP)."""
+
+    def __init__(self, backbone: UnifiedBackbone, role: str | None = "solver", max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> None:
+        self.backbone, self.role, self.max_new_tokens, self.temperature, self.seed = backbone, role, max_new_tokens, temperature, seed
+
+    def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[CycleResult]:
+        if not images:
+            return []
+        with self.backbone.role(self.role):
+            captions = self.backbone.caption(images, prompts.CAPTION, self.max_new_tokens, self.temperature, self.seed)
+        prompt_embeddings = self.backbone.embed_text(list(texts))
+        caption_embeddings = self.backbone.embed_text(captions)
+        image_embeddings = self.backbone.embed_image_text(list(images), [prompts.EMBED_PROBE] * len(images))
+        text_cos = (prompt_embeddings * caption_embeddings).sum(-1).tolist()
+        image_cos = (image_embeddings * prompt_embeddings).sum(-1).tolist()
+        return [
+            CycleResult(caption, a, b, clip01(0.5 * a + 0.5 * b))
+            for caption, a, b in zip(captions, text_cos, image_cos)
+        ]
+
+
+@dataclass
+class ImageScore:
+    prompt: str
+    quality: float
+    fidelity: FidelityResult | None
+    cycle: CycleResult | None
+    diversity: float
+    reward: float
+    spec: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        row = {
+            "prompt": self.prompt,
+            "reward": self.reward,
+            "quality": self.quality,
+            "s_fid": self.fidelity.s_fid if self.fidelity else None,
+            "contradiction": self.fidelity.contradiction if self.fidelity else None,
+            "s_cyc": self.cycle.s_cyc if self.cycle else None,
+            "s_div": self.diversity,
+            "spec": self.spec,
+        }
+        if self.cycle:
+            row.update(caption=self.cycle.caption, cos_prompt_caption=self.cycle.cos_prompt_caption, cos_image_prompt=self.cycle.cos_image_prompt)
+        if self.fidelity:
+            row["questions"] = [asdict(check) for check in self.fidelity.checks]
+        return row
+
+
+class GenerationScorer:
+    """The generation reward R_G of each candidate image of a prompt, with its breakdown.
+
+    ``R_G = q * clip01((0.65 S_fid + 0.20 S_cyc + 0.10 S_div) / 0.95 - 0.20 C)``; a weight
+    of 0 switches its term off (and its scorer is not run), e.g. ``w_cyc=0`` for the
+    ablation without cycle consistency.
+    """
+
+    def __init__(
+        self,
+        backbone: UnifiedBackbone,
+        samples: int = 2,
+        temperature: float = 1.3,
+        w_fid: float = 0.65,
+        w_cyc: float = 0.20,
+        w_div: float = 0.10,
+        w_contradiction: float = 0.20,
+        role: str | None = "solver",
+        seed: int = 0,
+        shared: bool = True,
+    ) -> None:
+        self.weights = {"w_fid": w_fid, "w_cyc": w_cyc, "w_div": w_div, "w_contradiction": w_contradiction}
+        self.fidelity = QAFidelityScorer(backbone, samples, temperature, role, seed=seed, shared=shared) if w_fid or w_contradiction else None
+        self.cycle = CycleCaptionScorer(backbone, role, seed=seed) if w_cyc else None
+
+    def score(self, spec: GenerationSpec, images: Sequence[Image.Image], diversity_over: Sequence[Image.Image] | None = None) -> list[ImageScore]:
+        """Score ``images``, candidates of one prompt. Diversity is each image's share in
+        the diversity of ``diversity_over`` (default: ``images``), which must contain them."""
+        if not images:
+            return []
+        group = list(diversity_over) if diversity_over is not None else list(images)
+        contributions = diversity_contributions(group)
+        by_identity = {id(image): c for image, c in zip(group, contributions)}
+        diversity = [by_identity[id(image)] for image in images]
+        quality = spec_quality(spec)
+        fidelity = self.fidelity.score(images, [spec] * len(images)) if self.fidelity else [None] * len(images)
+        cycle = self.cycle.score(images, [spec.prompt] * len(images)) if self.cycle else [None] * len(images)
+        pairs = [{"question": p.question, "expected": p.expected} for p in sanitize_spec(spec).spec.qa]
+        scores = []
+        for fid, cyc, div in zip(fidelity, cycle, diversity):
+            reward = generation_reward(
+                fid.s_fid if fid else 0.0,
+                cyc.s_cyc if cyc else 0.0,
+                div,
+                fid.contradiction if fid else 0.0,
+                quality,
+                **self.weights,
+            )
+            scores.append(ImageScore(spec.prompt, quality, fid, cyc, div, reward, pairs))
+        return scores
+
+
+@dataclass
+class DifficultyResult:
+    question: str
+    candidates: list[dict]
+    answers: list[str]
+    ste_raw: float
+    d_ste: float
+    entropy: float
+    majority: str
+    majority_share: float
+    margin: float
+    bucket: str
+
+
+class DifficultyScorer:
+    """How hard an unlabeled image is for the Solver, as the understanding step measures it:
+    the Proposer asks ``candidates`` questions; each is screened with one greedy Solver
+    decode whose STE ranks it in the running window; the question nearest ``target``
+    difficulty is kept, preferring those not easy (rank >= 0.30); the Solver then answers it under the 7 framings
+    (sample 0 is the greedy decode, samples 1-6 on the temperature / top-p ladder)."""
+
+    def __init__(
+        self, backbone: UnifiedBackbone, candidates: int = 3, target: float = 0.5, easy_quantile: float = 0.30, proposer_temperature: float = 1.0, seed: int = 0
+    ) -> None:
+        self.backbone, self.candidates, self.target, self.proposer_temperature, self.seed = backbone, candidates, target, proposer_temperature, seed
+        self.easy_quantile = easy_quantile
+        self.percentile = RollingPercentile()
+        self.easy = EasyThreshold()
+
+    def score(self, image: Image.Image, index: int = 0) -> DifficultyResult:
+        seed = self.seed + 100 * index
+        with self.backbone.role("proposer"):
+            asked = self.backbone.sample_answers(
+                [AnswerRequest(image, prompts.PROPOSER_QUESTION, self.proposer_temperature, seed=seed + c) for c in range(self.candidates)], max_new_tokens=24
+            )
+        questions = list(dict.fromkeys(prompts.parse_question(a.text) for a in asked if a.text.strip())) or [prompts.parse_question(asked[0].text)]
+        with self.backbone.role("solver"):
+            greedy = self.backbone.sample_answers([AnswerRequest(image, prompts.solver_prompt(q), 0.0) for q in questions], max_new_tokens=16)
+        ste = [float(reduce_first_k(s.entropies[None].float() if len(s.entropies) else torch.zeros(1, 1))[0]) for s in greedy]
+        ranks = [self.percentile.rank(value) for value in ste]
+        candidates = [{"question": q, "ste_raw": v, "d_ste": d, "greedy_answer": split_answer(g.text)[0]} for q, v, d, g in zip(questions, ste, ranks, greedy)]
+        # Screening buckets by quantile: below easy_quantile counts as easy and loses the tie.
+        chosen = min(range(len(questions)), key=lambda i: (ranks[i] < self.easy_quantile, abs(ranks[i] - self.target)))
+        ladder = prompts.pps_ladder()
+        requests = [AnswerRequest(image, prompts.solver_prompt(questions[chosen], framing), t, p, seed=seed + framing) for framing, (t, p) in enumerate(ladder) if framing > 0]
+        with self.backbone.role("solver"):
+            sampled = self.backbone.sample_answers(requests, max_new_tokens=16)
+        answers = [split_answer(greedy[chosen].text)[0]] + [split_answer(s.text)[0] for s in sampled]
+        stats = vote_stats(answers)
+        d_ste = self.percentile.update(ste[chosen])
+        bucket = difficulty_bucket(stats, self.easy.value)
+        self.easy.update(stats.entropy)
+        return DifficultyResult(questions[chosen], candidates, answers, ste[chosen], d_ste, stats.entropy, stats.majority, stats.majority_share, stats.margin, bucket)
