@@ -179,6 +179,51 @@ def _print_summary(summary: dict, difficulty: bool) -> None:
     console.print(table)
 
 
+@app.command()
+def train(
+    backbone: str = typer.Option("micro", help="Registered backbone to improve."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id [default: the backbone's own]."),
+    images: Optional[Path] = typer.Option(None, help="Folder of unlabeled images (any layout; labels are never read)."),
+    steps: int = typer.Option(10_000, help="Total steps (3 understanding : 2 generation)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder: metrics.jsonl, checkpoint/, config.json."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder with its saved config (other options ignored but --steps)."),
+    seed: int = typer.Option(42, help="Seed of every draw (per rank and step)."),
+    lr: float = typer.Option(1e-6, help="AdamW learning rate of every role."),
+    guidance: float = typer.Option(5.0, help="Classifier-free guidance of the Generator's rollouts."),
+    solver_max_new_tokens: int = typer.Option(96, help="Longest Solver answer."),
+    proposer_max_new_tokens: int = typer.Option(384, help="Longest Proposer question or spec."),
+    checkpoint_every: int = typer.Option(50, help="Steps between checkpoints."),
+) -> None:
+    """Improve a unified model from unlabeled images: the Proposer asks, the Solver answers and judges, the Generator draws, every reward comes from the model's own consistency. Run under torchrun for several processes."""
+    from asg_kit.train.loop import TrainConfig, config_from_run, train as run_training
+
+    if resume:
+        config = config_from_run(resume, steps=steps, out=str(resume))
+    else:
+        if images is None or out is None:
+            errors.print("[red]error:[/red] --images and --out are needed to start a run (or --resume RUN)", highlight=False)
+            raise typer.Exit(2)
+        config = TrainConfig(backbone=backbone, model=model, images=str(images), out=str(out), steps=steps, seed=seed, lr=lr,
+                             guidance_scale=guidance, solver_max_new_tokens=solver_max_new_tokens,
+                             proposer_max_new_tokens=proposer_max_new_tokens, spec_max_new_tokens=proposer_max_new_tokens,
+                             checkpoint_every=checkpoint_every)  # fmt: skip
+    _quiet_transformers()
+    with _progress() as progress:
+        task = progress.add_task("training", total=config.steps)
+
+        def log(row: dict) -> None:
+            progress.update(task, completed=row["step"] + 1)
+            skip = row.get("solver_skip") or row.get("generator_skip")
+            progress.update(task, description=f"step {row['step']} {row['kind'][:3]} beta {row['beta']:.3g}" + (f" ({skip})" if skip else ""))
+
+        try:
+            folder = run_training(config, resume=resume is not None, log=log)
+        except FileNotFoundError as error:
+            errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+            raise typer.Exit(2)
+    console.print(f"run: {folder} (metrics.jsonl, checkpoint/roles/)")
+
+
 micro_app = typer.Typer(
     help="The shapes world and the micro model: train it, write unlabeled pools, run the ground-truth benchmarks.",
     no_args_is_help=True,

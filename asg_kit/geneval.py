@@ -104,3 +104,41 @@ def summarize(results: Iterable[dict]) -> dict:
         "overall": sum(present) / len(present) if present else None,
         "images": sum(len(v) for v in totals.values()),
     }
+
+
+def write_layout(
+    backbone,
+    metadata: Sequence[dict],
+    folder,
+    images_per_prompt: int = 4,
+    guidance_scale: float = 5.0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    progress=lambda n: None,
+) -> list:
+    """Generate images for each prompt into GenEval's layout: ``folder/NNNNN/metadata.jsonl``
+    (the prompt's line) and ``folder/NNNNN/samples/NNNN.png``. Prompts whose samples are all
+    there already are skipped, so an interrupted run resumes. Returns the prompt folders."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    written = []
+    with backbone.role("generator"):
+        for index, meta in enumerate(metadata):
+            target = folder / f"{index:05d}"
+            samples = target / "samples"
+            paths = [samples / f"{n:04d}.png" for n in range(images_per_prompt)]
+            written.append(target)
+            if all(p.is_file() for p in paths):
+                progress(1)
+                continue
+            samples.mkdir(parents=True, exist_ok=True)
+            (target / "metadata.jsonl").write_text(json.dumps(meta) + "\n", encoding="utf-8")
+            out = backbone.generate_images([meta["prompt"]], n=images_per_prompt, guidance_scale=guidance_scale, temperature=temperature, seed=seed + index * images_per_prompt)
+            for image, path in zip(out.images[0], paths):
+                tmp = path.with_suffix(".tmp.png")
+                image.save(tmp)
+                tmp.replace(path)
+            progress(1)
+    return written

@@ -1,9 +1,10 @@
-"""JSON Lines input with precise errors, and crash-safe output."""
+"""JSON Lines input with precise errors, and crash-safe output of files and folders."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -54,3 +55,16 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def swap_in_folder(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Replace folder ``final`` by the fully written folder ``staged`` so that a crash at
+    any point leaves either the old folder or the new one (or the old one under
+    ``final.old``, which the next swap clears)."""
+    staged, final = Path(staged), Path(final)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -21,6 +21,10 @@ ROLES = ("proposer", "solver", "generator")
 GenerationParadigm = Literal["ar_tokens", "rectified_flow", "diffusion"]
 
 
+class NonFiniteLogits(FloatingPointError):
+    """The model produced NaN or inf logits while sampling: nothing can be drawn."""
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA of every role (SPEC: r=16, alpha=32, dropout 0.05 on the language model's

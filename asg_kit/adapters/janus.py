@@ -24,6 +24,7 @@ from asg_kit.adapters.base import (
     GeneratedImages,
     ImageRollout,
     LoraSettings,
+    NonFiniteLogits,
     TextSample,
     TokenScores,
 )
@@ -82,6 +83,8 @@ def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
 
 def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> tuple[int, float]:
     """Sample one token from a row of logits; return it with its behaviour log-prob."""
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLogits("NaN or inf in the logits while sampling")
     if temperature <= 0:
         token = int(logits.argmax())
         return token, float(torch.log_softmax(logits, -1)[token])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 from asg_kit.adapters.base import AnswerRequest, ImageRollout
 from asg_kit.adapters.janus import JanusAdapter
+from asg_kit.jsonl import swap_in_folder
 from asg_kit.micro import tasks
 
 
@@ -91,16 +91,13 @@ def _lr(config: MicroTrainConfig, step: int) -> float:
 
 
 def _save_checkpoint(out: Path, model, processor, optimizer, progress: dict) -> None:
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    tmp = out / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "progress.json").write_text(json.dumps(progress))
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in_folder(tmp, out / "checkpoint")
 
 
 def _load_checkpoint(out: Path):

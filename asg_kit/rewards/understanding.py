@@ -110,17 +110,18 @@ class QuestionScore:
 
 
 def score_question(
-    replies: Sequence[str], d_ste: float, tau_easy: float, form: Literal["asg", "evolmm"] = "asg"
+    replies: Sequence[str], d_ste: float, tau_easy: float, form: Literal["asg", "evolmm"] = "asg", **bucket_options: float
 ) -> QuestionScore:
     """Votes, bucket, Solver and Proposer rewards for one question's N Solver replies.
 
-    The Solver update is gated off (``skip_reason``) for "easy" and "unsolvable" buckets.
+    The Solver update is gated off (``skip_reason``) for "easy" and "unsolvable" buckets;
+    ``bucket_options`` go to ``difficulty_bucket`` (e.g. ``easy_share``).
     """
     split = [split_answer(reply) for reply in replies]
     answers = tuple(answer for answer, _ in split)
     words = tuple(count for _, count in split)
     stats = vote_stats(answers)
-    bucket = difficulty_bucket(stats, tau_easy)
+    bucket = difficulty_bucket(stats, tau_easy, **bucket_options)
     return QuestionScore(
         answers=answers,
         word_counts=words,

@@ -1,0 +1,433 @@
+"""Ask, Solve, Generate: one unified model improves itself from unlabeled images.
+
+One file, read top to bottom. Three LoRA roles sit on one frozen backbone; the reference
+policy is the backbone with every adapter off. Steps cycle 3 understanding : 2 generation.
+
+Understanding step (on one unlabeled image):
+  1. Ask: the Proposer writes K=3 candidate questions.
+  2. Screen: one greedy Solver decode per candidate; its Solver Token Entropy is ranked in
+     the running window (d_STE); the candidate nearest the difficulty target, preferring
+     those not easy, is kept.
+  3. Solve: the Solver answers it under N=7 framings (the greedy decode is sample 0, the
+     others climb the temperature / top-p ladder).
+  4. Judge: vote statistics, difficulty bucket, Solver rewards, Proposer reward.
+  5. Solver update (skipped for easy and unsolvable questions): KL-regularised REINFORCE,
+     each answer scored under the canonical framing, EMA baseline (or group z-score).
+  6. Proposer update: the 3 candidates as a group (the others judged by a 3-answer spot
+     check), advantages (r - b) / max|r - b|, clipped surrogate against the reference.
+
+Generation step:
+  1. The Proposer writes a spec (prompt + question/answer pairs) from the real image.
+  2. Gates: spec quality >= 0.35 and the Solver agrees with the spec on the source image
+     (alignment >= 0.55).
+  3. The Generator draws L=3 candidates; the Solver scores each (QA fidelity, cycle
+     caption, diversity, contradiction) into R_G.
+  4. Generator update by the backbone's paradigm: for "ar_tokens", clipped GRPO over the
+     image tokens (advantages z-scored over the candidates; skipped when they tie).
+
+After each step the KL coefficient adapts. A NaN or inf anywhere in an update skips it
+with a logged reason before it reaches the weights. Checkpoints (role adapters as
+safetensors, optimizers, trackers, baselines, beta) are written atomically; every random
+draw is seeded by (seed, rank, step), so a resumed run repeats an uninterrupted one.
+Under ``torchrun`` each rank draws its own images and the role gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from asg_kit import prompts
+from asg_kit.adapters.base import AnswerRequest, NonFiniteLogits
+from asg_kit.adapters.registry import load_backbone
+from asg_kit.images import IMAGE_EXTENSIONS, BadImage, load_image
+from asg_kit.jsonl import append_jsonl, read_jsonl, swap_in_folder
+from asg_kit.rewards import (
+    EasyThreshold,
+    RollingPercentile,
+    difficulty_bucket,
+    proposer_reward,
+    reduce_first_k,
+    score_question,
+    spec_quality,
+    split_answer,
+    vote_stats,
+)
+from asg_kit.rewards.scorers import GenerationScorer, QAFidelityScorer
+from asg_kit.train.losses import (
+    AdaptiveKL,
+    EMABaseline,
+    clipped_surrogate,
+    full_kl,
+    group_advantages,
+    masked_mean,
+    max_normalized_advantages,
+)
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "micro"
+    model: str | None = None
+    images: str = ""
+    out: str = "runs/asg"
+    steps: int = 10_000
+    seed: int = 42
+    understanding_per_cycle: int = 3
+    generation_per_cycle: int = 2
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # understanding
+    question_candidates: int = 3
+    proposer_temperature: float = 1.0
+    difficulty_target: float = 0.5
+    easy_quantile: float = 0.30
+    solver_max_new_tokens: int = 96
+    proposer_max_new_tokens: int = 384
+    solver_reward_form: str = "asg"  # or "evolmm"
+    solver_advantage: str = "ema"  # or "grpo"
+    baseline_momentum: float = 0.6
+    spot_check_samples: int = 3
+    easy_share: float = 0.85  # majority share from which a question is easy
+    unsolvable_share: float = 0.20  # majority share up to which it is unsolvable
+    use_ste: bool = True  # False: Proposer rewarded by sample entropy alone (ablation)
+    # generation
+    generator_candidates: int = 3
+    guidance_scale: float = 5.0
+    spec_samples: int = 2
+    spec_max_new_tokens: int = 384
+    alignment_min: float = 0.55
+    spec_quality_min: float = 0.35
+    use_cycle: bool = True  # False: R_G without the cycle-consistency term (ablation)
+    clip_ratio: float = 0.2
+    # KL to the reference
+    beta: float = 0.01
+    kl_target: float = 0.02
+    kl_rate: float = 0.10
+    # bookkeeping
+    checkpoint_every: int = 50
+
+
+def step_kind(config: TrainConfig, step: int) -> str:
+    """"understanding" or "generation": 3 then 2 in each cycle (either may be 0)."""
+    cycle = config.understanding_per_cycle + config.generation_per_cycle
+    if cycle == 0:
+        raise ValueError("understanding_per_cycle + generation_per_cycle must be > 0")
+    return "understanding" if step % cycle < config.understanding_per_cycle else "generation"
+
+
+def seed_of(config: TrainConfig, rank: int, step: int, salt: int = 0) -> int:
+    return (config.seed * 1_000_003 + rank * 10_007 + step * 101 + salt) % (2**31)
+
+
+def list_pool(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image pool {folder} is not a folder")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise FileNotFoundError(f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None] = lambda row: None, stop_after: int | None = None) -> Path:
+    # ---- setup: distributed, backbone, pool, optimizers, trackers -------------------------
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
+    backbone = load_backbone(config.backbone, model=config.model)
+    if backbone.generation_paradigm != "ar_tokens" and config.generation_per_cycle:
+        raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone; only 'ar_tokens' is built")
+    pool = list_pool(config.images)
+    optimizers = {
+        role: torch.optim.AdamW(backbone.trainable_parameters(role), lr=config.lr, weight_decay=config.weight_decay)
+        for role in backbone.roles
+    }
+    percentile, easy = RollingPercentile(), EasyThreshold()
+    solver_baseline, proposer_baseline = EMABaseline(config.baseline_momentum), EMABaseline(config.baseline_momentum)
+    kl_control = AdaptiveKL(config.beta, config.kl_target, config.kl_rate)
+    generation_scorer = GenerationScorer(backbone, samples=config.spec_samples, w_cyc=0.20 if config.use_cycle else 0.0, seed=config.seed)
+    start = 0
+    metrics = out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl")
+    if resume and (out / "checkpoint" / "state.json").is_file():
+        state = json.loads((out / "checkpoint" / "state.json").read_text())
+        backbone.load_roles(out / "checkpoint" / "roles")
+        for role, optimizer in optimizers.items():
+            optimizer.load_state_dict(torch.load(out / "checkpoint" / f"optimizer_{role}.pt", weights_only=True))
+        mine = state["ranks"][str(rank)]
+        percentile.load_state_dict(mine["percentile"])
+        easy.load_state_dict(mine["easy"])
+        solver_baseline.value, proposer_baseline.value = mine["solver_baseline"], mine["proposer_baseline"]
+        kl_control.beta = state["beta"]
+        start = state["step"]
+        if metrics.exists():  # rows a killed run wrote after its last checkpoint are replayed
+            kept = [row for _, row in read_jsonl(metrics) if row["step"] < start]
+            metrics.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    elif metrics.exists():
+        metrics.unlink()
+
+    def apply(role: str, loss: torch.Tensor | None, reason: str | None) -> str | None:
+        """Backpropagate ``loss`` into ``role`` and step, unless anything is non-finite; with
+        several ranks the gradients are averaged over the ranks that had an update."""
+        params = backbone.trainable_parameters(role)
+        optimizer = optimizers[role]
+        optimizer.zero_grad(set_to_none=True)
+        if reason is None and (loss is None or not torch.isfinite(loss)):
+            reason = "non-finite loss"
+        if reason is None:
+            loss.backward()
+            if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
+                reason = "non-finite gradient"
+        contributed = torch.tensor([0.0 if reason else 1.0])
+        if world_size > 1:
+            torch.distributed.all_reduce(contributed)
+            for p in params:
+                grad = p.grad if (p.grad is not None and reason is None) else torch.zeros_like(p)
+                torch.distributed.all_reduce(grad)
+                p.grad = grad / max(1.0, contributed.item())
+        elif reason is not None:
+            optimizer.zero_grad(set_to_none=True)
+        if contributed.item() > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return reason
+
+    def training_mode(on: bool) -> None:
+        backbone.model.train(on)
+
+    def run_step(image, kind: str, seed: int, row: dict) -> float | None:
+        """One understanding or generation step on ``image``; fills ``row``; returns the KL
+        measured for the coefficient's controller (None when no update ran)."""
+        kl_measured = None
+        if kind == "understanding":
+            # 1. Ask: K candidate questions.
+            with backbone.role("proposer"):
+                asked = backbone.sample_answers(
+                    [AnswerRequest(image, prompts.PROPOSER_QUESTION, config.proposer_temperature, seed=seed + c) for c in range(config.question_candidates)],
+                    max_new_tokens=config.proposer_max_new_tokens,
+                )
+            questions = [prompts.parse_question(a.text) for a in asked]
+            # 2. Screen: one greedy Solver decode each, ranked by its STE.
+            with backbone.role("solver"):
+                greedy = backbone.sample_answers([AnswerRequest(image, prompts.solver_prompt(q), 0.0) for q in questions], config.solver_max_new_tokens)
+            ste = [float(reduce_first_k(g.entropies[None])[0]) if len(g.entropies) else 0.0 for g in greedy]
+            ranks = [percentile.rank(v) for v in ste]
+            chosen = min(range(len(questions)), key=lambda i: (ranks[i] < config.easy_quantile, abs(ranks[i] - config.difficulty_target))) if config.use_ste else 0
+            question = questions[chosen]
+            # 3. Solve under the 7 framings: greedy is sample 0, the rest climb the ladder.
+            ladder = prompts.pps_ladder()
+            with backbone.role("solver"):
+                sampled = backbone.sample_answers(
+                    [AnswerRequest(image, prompts.solver_prompt(question, f), t, p, seed=seed + 10 + f) for f, (t, p) in enumerate(ladder) if f > 0],
+                    config.solver_max_new_tokens,
+                )
+            replies = [greedy[chosen], *sampled]
+            # 4. Judge.
+            d_ste = percentile.update(ste[chosen]) if config.use_ste else 0.0
+            buckets = {"easy_share": config.easy_share, "unsolvable_share": config.unsolvable_share}
+            judged = score_question([r.text for r in replies], d_ste, easy.value, form=config.solver_reward_form, **buckets)
+            easy.update(judged.stats.entropy)
+            weights = {} if config.use_ste else {"ste_weight": 0.0, "sc_weight": 1.0}
+            chosen_reward = proposer_reward(d_ste, judged.stats, judged.bucket, **weights)
+            row.update(question=question, answers=list(judged.answers), ste=ste[chosen], d_ste=d_ste, entropy=judged.stats.entropy,
+                       majority_share=judged.stats.majority_share, margin=judged.stats.margin, bucket=judged.bucket,
+                       solver_rewards=list(judged.solver_rewards), proposer_reward=chosen_reward)  # fmt: skip
+            # 5. Solver update: REINFORCE with KL, every answer scored under the canonical framing.
+            reason = judged.skip_reason
+            loss = None
+            if reason is None and not all(math.isfinite(r) for r in judged.solver_rewards):
+                reason = "non-finite reward"
+            if reason is None:
+                canonical = [AnswerRequest(image, prompts.solver_prompt(question, 0))] * len(replies)
+                completions = [r.token_ids for r in replies]
+                training_mode(True)
+                with backbone.role("solver"):
+                    scored = backbone.score_completions(canonical, completions, keep_logits=True)
+                training_mode(False)
+                with torch.no_grad(), backbone.role(None):
+                    reference = backbone.score_completions(canonical, completions, keep_logits=True)
+                if not torch.isfinite(scored.logits).all():
+                    reason = "non-finite logits"
+                else:
+                    nll = -masked_mean(scored.logprobs, scored.mask)
+                    kl = full_kl(scored.logits, reference.logits, scored.mask)
+                    if config.solver_advantage == "grpo":
+                        advantages = group_advantages(judged.solver_rewards) or [0.0] * len(replies)
+                    else:
+                        advantages = []
+                        for reward in judged.solver_rewards:
+                            advantages.append(reward - solver_baseline.current)
+                            solver_baseline.update(reward)
+                    loss = (torch.tensor(advantages) * nll).mean() + kl_control.beta * kl.mean()
+                    kl_measured = kl.mean().item()
+                    row.update(solver_loss=loss.item(), kl=kl_measured)
+            row["solver_skip"] = apply("solver", loss, reason)
+            # 6. Proposer update over the candidate group.
+            rewards = []
+            for i in range(len(questions)):
+                if i == chosen:
+                    rewards.append(chosen_reward)
+                    continue
+                with backbone.role("solver"):
+                    spot = backbone.sample_answers(
+                        [AnswerRequest(image, prompts.solver_prompt(questions[i], f), *ladder[f], seed=seed + 100 * i + f) for f in range(1, config.spot_check_samples)],
+                        config.solver_max_new_tokens,
+                    )
+                stats = vote_stats([split_answer(greedy[i].text)[0]] + [split_answer(s.text)[0] for s in spot])
+                rewards.append(proposer_reward(ranks[i] if config.use_ste else 0.0, stats, difficulty_bucket(stats, easy.value, **buckets), **weights))
+            advantages = max_normalized_advantages(rewards, proposer_baseline.current)
+            proposer_baseline.update(sum(rewards) / len(rewards))
+            reason, loss = None, None
+            if not all(math.isfinite(r) for r in rewards):
+                reason = "non-finite reward"
+            elif not any(advantages):
+                reason = "no preference in the group"
+            else:
+                requests = [AnswerRequest(image, prompts.PROPOSER_QUESTION)] * len(asked)
+                training_mode(True)
+                with backbone.role("proposer"):
+                    scored = backbone.score_completions(requests, [a.token_ids for a in asked])
+                training_mode(False)
+                with torch.no_grad(), backbone.role(None):
+                    reference = backbone.score_completions(requests, [a.token_ids for a in asked])
+                mean_lp, mean_ref = masked_mean(scored.logprobs, scored.mask), masked_mean(reference.logprobs, reference.mask)
+                surrogate = clipped_surrogate(torch.tensor(advantages), mean_lp, mean_ref, config.clip_ratio)
+                loss = surrogate.mean() + kl_control.beta * torch.relu(mean_lp - mean_ref).mean()
+                row.update(proposer_loss=loss.item())
+            row.update(proposer_group_rewards=rewards, proposer_skip=apply("proposer", loss, reason))
+
+        else:
+            # 1. The Proposer writes a spec from the real image.
+            with backbone.role("proposer"):
+                reply = backbone.sample_answers([AnswerRequest(image, prompts.PROPOSER_SPEC, config.proposer_temperature, seed=seed)], config.spec_max_new_tokens)[0]
+            spec = prompts.parse_spec(reply.text)
+            quality = spec_quality(spec) if spec else 0.0
+            row.update(spec=reply.text, spec_quality=quality)
+            reason = None
+            if spec is None:
+                reason = "unparseable spec"
+            elif quality < config.spec_quality_min:
+                reason = "spec quality below minimum"
+            else:
+                # 2. The Solver must agree with the spec on the source image.
+                alignment = QAFidelityScorer(backbone, config.spec_samples, seed=seed).score([image], [spec])[0].s_fid
+                row["alignment"] = alignment
+                if alignment < config.alignment_min:
+                    reason = "spec not aligned with its image"
+            loss = None
+            if reason is None:
+                # 3. Draw L candidates and score them.
+                with backbone.role("generator"):
+                    drawn = backbone.generate_images([spec.prompt], n=config.generator_candidates, guidance_scale=config.guidance_scale, seed=seed)
+                scores = generation_scorer.score(spec, drawn.images[0])
+                rewards = [s.reward for s in scores]
+                row.update(generation_rewards=rewards, s_fid=[s.fidelity.s_fid for s in scores], s_div=[s.diversity for s in scores],
+                           s_cyc=[s.cycle.s_cyc for s in scores] if config.use_cycle else None)  # fmt: skip
+                advantages = group_advantages(rewards) if all(math.isfinite(r) for r in rewards) else None
+                if advantages is None:
+                    reason = "candidates tie (no preference)" if all(math.isfinite(r) for r in rewards) else "non-finite reward"
+                else:
+                    # 4. Clipped GRPO over the image tokens, ratio against the reference.
+                    training_mode(True)
+                    with backbone.role("generator"):
+                        logprobs = backbone.generation_logprobs(drawn.rollout)
+                    training_mode(False)
+                    with torch.no_grad(), backbone.role(None):
+                        reference = backbone.generation_logprobs(drawn.rollout)
+                    mean_lp, mean_ref = logprobs.mean(-1), reference.mean(-1)
+                    surrogate = clipped_surrogate(torch.tensor(advantages), mean_lp, mean_ref, config.clip_ratio)
+                    kl_measured = torch.relu(mean_lp - mean_ref).mean().item()
+                    loss = surrogate.mean() + kl_control.beta * torch.relu(mean_lp - mean_ref).mean()
+                    row.update(generator_loss=loss.item(), kl=kl_measured)
+            row["generator_skip"] = apply("generator", loss, reason)
+        return kl_measured
+
+    # ---- the loop --------------------------------------------------------------------------
+    budget = stop_after if stop_after is not None else math.inf
+    for step in range(start, config.steps):
+        if budget <= 0:
+            break
+        budget -= 1
+        rng = random.Random(seed_of(config, rank, step))
+        torch.manual_seed(seed_of(config, rank, step, salt=1))  # LoRA dropout
+        seed = seed_of(config, rank, step, salt=2)
+        kind = step_kind(config, step)
+        began = time.time()
+        row: dict = {"step": step, "kind": kind, "beta": kl_control.beta}
+        try:
+            loaded = load_image(pool[rng.randrange(len(pool))])
+            image = loaded.image
+        except BadImage as error:
+            row.update(skip="unreadable image", detail=str(error))
+            image = None
+        kl_measured = None
+        try:
+            if image is not None:
+                kl_measured = run_step(image, kind, seed, row)
+        except NonFiniteLogits as error:
+            row["skip"] = f"non-finite logits: {error}"
+            for role in backbone.roles:  # keep every rank's collective calls in step
+                apply(role, None, "non-finite logits")
+
+
+        # ---- after every step: KL coefficient, metrics, checkpoint --------------------------
+        if kl_measured is not None:
+            kl_control.update(kl_measured)
+        row["seconds"] = time.time() - began
+        append_jsonl(metrics, row)
+        log(row)
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            save_checkpoint(out, backbone, optimizers, step + 1, kl_control.beta, rank, world_size,
+                            {"percentile": percentile.state_dict(), "easy": easy.state_dict(),
+                             "solver_baseline": solver_baseline.value, "proposer_baseline": proposer_baseline.value})  # fmt: skip
+    return out
+
+
+def save_checkpoint(out: Path, backbone, optimizers: dict, step: int, beta: float, rank: int, world_size: int, trackers: dict) -> None:
+    """Every rank's trackers are gathered; rank 0 writes the checkpoint folder atomically."""
+    everyone = [trackers]
+    if world_size > 1:
+        everyone = [None] * world_size
+        torch.distributed.all_gather_object(everyone, trackers)
+    if rank != 0:
+        return
+    staged = out / "checkpoint.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    backbone.save_roles(staged / "roles")
+    for role, optimizer in optimizers.items():
+        torch.save(optimizer.state_dict(), staged / f"optimizer_{role}.pt")
+    state = {"step": step, "beta": beta, "ranks": {str(r): t for r, t in enumerate(everyone)}}
+    (staged / "state.json").write_text(json.dumps(state))
+    swap_in_folder(staged, out / "checkpoint")
+
+
+def config_from_run(folder: str | Path, **overrides) -> TrainConfig:
+    """The config a run was started with (``RUN/config.json``), with overrides."""
+    saved = json.loads((Path(folder) / "config.json").read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m asg_kit.train.loop RUN_CONFIG.json
+    import sys
+
+    config = TrainConfig(**json.loads(Path(sys.argv[1]).read_text()))
+    train(config, resume="--resume" in sys.argv)

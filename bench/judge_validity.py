@@ -1,0 +1,115 @@
+"""Is the judge any good? ROC AUC of the micro model's own scores at telling images that
+match their prompt from images with one controlled error.
+
+For held-out shapes-GenEval prompts, a render of a scene that satisfies the prompt is the
+positive; the negative is the same scene with one error: a wrong colour, a wrong count, the
+two objects' positions swapped, or an object missing. Each image is scored alone (spec from
+the prompt's GenEval metadata) with the combined generation reward R_G, with QA fidelity
+alone (S_fid) and with cycle consistency alone (S_cyc). AUC 0.5 is chance, 1.0 perfect.
+
+    python bench/judge_validity.py                    # the README's table
+    python bench/judge_validity.py --pairs 10 --model runs/micro/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from asg_kit.adapters.registry import load_backbone
+from asg_kit.micro import world
+from asg_kit.rewards.scorers import GenerationScorer
+from asg_kit.specs import spec_from_geneval
+
+ERRORS = {
+    "wrong colour": ("colors", "color_attr"),
+    "wrong count": ("counting",),
+    "swapped position": ("position",),
+    "missing object": ("two_object", "color_attr", "position"),
+}
+
+
+def corrupt(scene: world.Scene, metadata: dict, error: str, rng: random.Random) -> world.Scene | None:
+    """The scene with one error that makes it contradict the prompt (None if impossible)."""
+    objects = list(scene.objects)
+    if error == "wrong colour":
+        clause = rng.choice([c for c in metadata["include"] if c.get("color")])
+        index = next(i for i, o in enumerate(objects) if o.shape == clause["class"])
+        colour = rng.choice([c for c in world.COLORS if c != clause["color"]])
+        objects[index] = dataclasses.replace(objects[index], color=colour)
+        return world.Scene(tuple(objects))
+    if error == "wrong count":
+        clause = metadata["include"][0]
+        if rng.random() < 0.5 or clause["count"] >= 4:
+            objects.pop(rng.randrange(len(objects)))
+            return world.Scene(tuple(objects))
+        extra = world.place(rng, [(o.shape, o.color, o.size) for o in objects] + [(clause["class"], rng.choice(list(world.COLORS)), "small")])
+        return world.Scene(extra) if extra else None
+    if error == "swapped position":
+        a, b = objects
+        return world.Scene((dataclasses.replace(a, cx=b.cx, cy=b.cy), dataclasses.replace(b, cx=a.cx, cy=a.cy)))
+    if error == "missing object":
+        objects.pop(rng.randrange(len(objects)))
+        return world.Scene(tuple(objects))
+    raise ValueError(error)
+
+
+def roc_auc(positives: list[float], negatives: list[float]) -> float:
+    """P(score of a positive > score of a negative), ties counting half (Mann-Whitney)."""
+    pos, neg = np.asarray(positives)[:, None], np.asarray(negatives)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=40, help="correct/corrupted pairs per error type")
+    parser.add_argument("--model", help="micro model folder (default: the shipped one)")
+    parser.add_argument("--samples", type=int, default=2, help="Solver samples per question")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write every score here")
+    args = parser.parse_args()
+
+    backbone = load_backbone("micro", model=args.model)
+    scorer = GenerationScorer(backbone, samples=args.samples, seed=args.seed)
+    rng = random.Random(f"judge-validity-{args.seed}")
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for error, categories in ERRORS.items():
+        pairs = results.setdefault(error, {"R_G": [], "S_fid": [], "S_cyc": []})
+        while len(pairs["R_G"]) < args.pairs:
+            metadata = world.sample_prompt(rng, rng.choice(categories))
+            scene = world.scene_for_prompt(metadata, rng)
+            wrong = corrupt(scene, metadata, error, rng)
+            if wrong is None:
+                continue
+            spec = spec_from_geneval(metadata)
+            good, bad = (scorer.score(spec, [world.render(s)])[0] for s in (scene, wrong))
+            pairs["R_G"].append((good.reward, bad.reward))
+            pairs["S_fid"].append((good.fidelity.s_fid, bad.fidelity.s_fid))
+            pairs["S_cyc"].append((good.cycle.s_cyc, bad.cycle.s_cyc))
+
+    table = Table(title=f"ROC AUC, correct vs one error ({args.pairs} pairs per error type, micro model judging)")
+    for column in ("error", "R_G (combined)", "QA fidelity alone", "cycle consistency alone"):
+        table.add_column(column, justify="right")
+    report = {}
+    for error in [*ERRORS, "overall"]:
+        chosen = list(ERRORS) if error == "overall" else [error]
+        row = {}
+        for signal in ("R_G", "S_fid", "S_cyc"):
+            pairs = [p for e in chosen for p in results[e][signal]]
+            row[signal] = roc_auc([p[0] for p in pairs], [p[1] for p in pairs])
+        report[error] = row
+        table.add_row(error, *(f"{row[s]:.3f}" for s in ("R_G", "S_fid", "S_cyc")))
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"auc": report, "scores": results}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The shipped micro model: it loads offline through the registry, its ground-truth
+benchmarks run deterministically, and the CLI wraps them."""
+
+import pytest
+from typer.testing import CliRunner
+
+from asg_kit.adapters.micro import MicroAdapter
+from asg_kit.adapters.registry import load_backbone
+from asg_kit.cli import app
+from asg_kit.micro import benchmarks
+from asg_kit.micro.model import micro_weights_dir
+
+pytestmark = pytest.mark.janus
+
+
+@pytest.fixture(scope="module")
+def micro():
+    return load_backbone("micro")
+
+
+def test_ships_small_safetensors_and_loads_offline(micro):
+    files = {p.name: p.stat().st_size for p in micro_weights_dir().iterdir()}
+    assert "model.safetensors" in files and not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert sum(files.values()) <= 25 * 2**20
+    assert isinstance(micro, MicroAdapter) and micro.roles == ("proposer", "solver", "generator")
+    assert micro.num_image_tokens == 64
+
+
+def test_benchmarks_are_deterministic(micro):
+    items = benchmarks.vqa_items(per_kind=4, seed=3)
+    first, second = benchmarks.run_vqa(micro, items), benchmarks.run_vqa(micro, items)
+    assert first.rows == second.rows and 0.0 <= first.accuracy <= 1.0
+    assert set(first.per_kind) == set(benchmarks.QUESTION_KINDS)
+    prompts = benchmarks.geneval_prompts(per_category=1, seed=3)
+    gen = benchmarks.run_geneval(micro, prompts, images_per_prompt=1)
+    again = benchmarks.run_geneval(micro, prompts, images_per_prompt=1)
+    assert [r["correct"] for r in gen.rows] == [r["correct"] for r in again.rows]
+    assert len(gen.rows) == 6 and 0.0 <= gen.overall <= 1.0
+
+
+def test_micro_bench_cli(tmp_path):
+    grid = tmp_path / "grid.png"
+    result = CliRunner().invoke(app, ["micro", "bench", "--per-kind", "2", "--per-category", "1", "--images", "1", "--grid", str(grid)])
+    assert result.exit_code == 0, result.output
+    assert "shapes-VQA" in result.output and "shapes-GenEval" in result.output and grid.is_file()
