@@ -285,7 +285,7 @@ def micro_bench(
     per_kind: int = typer.Option(50, help="shapes-VQA questions per question kind."),
     per_category: int = typer.Option(16, help="shapes-GenEval prompts per category (at most the distinct prompts there are)."),
     images: int = typer.Option(4, help="shapes-GenEval images per prompt."),
-    guidance: float = typer.Option(3.0, help="Classifier-free guidance scale for generation."),
+    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for generation."),
     seed: int = typer.Option(0, help="Benchmark seed (questions, prompts and sampling)."),
     grid: Optional[Path] = typer.Option(None, help="Also save a PNG grid of generations next to their prompts."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every answer and verdict as JSON."),

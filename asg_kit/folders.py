@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asg_kit.images import IMAGE_EXTENSIONS
+from asg_kit.jsonl import JsonlError, read_jsonl
 
 MAPPING_FILES = ("metadata.jsonl", "prompts.jsonl")
 
@@ -88,20 +89,17 @@ def _geneval(root: Path, folders: list[Path]) -> Discovery:
 def _mapping(root: Path, mapping: Path) -> Discovery:
     listed: dict[str, dict] = {}
     problems: dict[str, str] = {}
-    with mapping.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise FolderError(f"{mapping}:{number}: not valid JSON ({error.msg})") from None
-            name = record.get("file") if isinstance(record, dict) else None
-            if not isinstance(name, str) or not name:
-                raise FolderError(f"{mapping}:{number}: each line needs a 'file' naming an image")
-            if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-                problems[name] = f"{mapping.name}:{number} gives no prompt"
-            listed[Path(name).as_posix()] = record
+    try:
+        records = list(read_jsonl(mapping))
+    except (JsonlError, UnicodeDecodeError) as error:
+        raise FolderError(str(error)) from None
+    for number, record in records:
+        name = record.get("file")
+        if not isinstance(name, str) or not name:
+            raise FolderError(f"{mapping}:{number}: each line needs a 'file' naming an image")
+        if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            problems[name] = f"{mapping.name}:{number} gives no prompt"
+        listed[Path(name).as_posix()] = record
     entries = []
     seen = set()
     for image in sorted(p for p in root.rglob("*") if _is_image(p)):

@@ -147,6 +147,11 @@ def test_empty_and_all_bad_folders_fail_clearly(judge_dir, tmp_path):
     assert result.exit_code == 2 and "no images" in result.output
     result = score(judge_dir, tmp_path / "missing")
     assert result.exit_code == 2 and "does not exist" in result.output
+    (tmp_path / "mapped").mkdir()
+    renders(1)[0].save(tmp_path / "mapped" / "a.png")
+    (tmp_path / "mapped" / "metadata.jsonl").write_text('{"file": "a.png", "prompt": "x"}\n{not json\n')
+    result = score(judge_dir, tmp_path / "mapped")
+    assert result.exit_code == 2 and "metadata.jsonl:2" in result.output
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"")
     (tmp_path / "bad" / "x.txt").write_text("a circle")

@@ -176,7 +176,7 @@ def test_two_processes_under_torchrun(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29517", "-m", "asg_kit.train.loop", str(path)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "ddp", "metrics.rank1.jsonl")

@@ -68,12 +68,16 @@ def run_vqa(
     batch_size: int = 32,
     max_new_tokens: int = 12,
     progress: Callable[[int], None] = lambda n: None,
+    role: str | None = "solver",
 ) -> VQAResult:
+    """The ``role`` answers (for a model whose roles are untrained, the base model)."""
     rows = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         requests = [AnswerRequest(world.render(item.scene, image_size), prompts.solver_prompt(item.question), temperature=0.0) for item in chunk]
-        for item, sample in zip(chunk, backbone.sample_answers(requests, max_new_tokens=max_new_tokens)):
+        with backbone.role(role):
+            samples = backbone.sample_answers(requests, max_new_tokens=max_new_tokens)
+        for item, sample in zip(chunk, samples):
             answer = split_answer(sample.text)[0]
             rows.append({"kind": item.kind, "question": item.question, "truth": item.answer, "answer": answer, "correct": normalize_answer(answer) == normalize_answer(item.answer)})
         progress(len(chunk))
@@ -115,14 +119,16 @@ def run_geneval(
     backbone: UnifiedBackbone,
     metadata: Sequence[dict],
     images_per_prompt: int = 4,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = 5.0,
     temperature: float = 1.0,
     seed: int = 0,
     progress: Callable[[int], None] = lambda n: None,
+    role: str | None = "generator",
 ) -> GenEvalResult:
     rows, images = [], []
     for index, meta in enumerate(metadata):
-        out = backbone.generate_images([meta["prompt"]], n=images_per_prompt, guidance_scale=guidance_scale, temperature=temperature, seed=seed + index * images_per_prompt)
+        with backbone.role(role):
+            out = backbone.generate_images([meta["prompt"]], n=images_per_prompt, guidance_scale=guidance_scale, temperature=temperature, seed=seed + index * images_per_prompt)
         images.append(out.images[0])
         for sample, image in enumerate(out.images[0]):
             correct, reason = judge_image(meta, image)

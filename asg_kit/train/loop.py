@@ -182,9 +182,12 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
     elif metrics.exists():
         metrics.unlink()
 
+    applied: set[str] = set()
+
     def apply(role: str, loss: torch.Tensor | None, reason: str | None) -> str | None:
         """Backpropagate ``loss`` into ``role`` and step, unless anything is non-finite; with
         several ranks the gradients are averaged over the ranks that had an update."""
+        applied.add(role)
         params = backbone.trainable_parameters(role)
         optimizer = optimizers[role]
         optimizer.zero_grad(set_to_none=True)
@@ -378,13 +381,16 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
             row.update(skip="unreadable image", detail=str(error))
             image = None
         kl_measured = None
+        applied.clear()
         try:
             if image is not None:
                 kl_measured = run_step(image, kind, seed, row)
         except NonFiniteLogits as error:
             row["skip"] = f"non-finite logits: {error}"
-            for role in backbone.roles:  # keep every rank's collective calls in step
-                apply(role, None, "non-finite logits")
+        # Every rank makes the same collective calls each step, whatever it skipped.
+        for role in ("solver", "proposer") if kind == "understanding" else ("generator",):
+            if role not in applied:
+                apply(role, None, row.get("skip", "skipped"))
 
 
         # ---- after every step: KL coefficient, metrics, checkpoint --------------------------
