@@ -184,3 +184,22 @@ def test_two_processes_under_torchrun(setup, tmp_path):
     assert [r.get("question") for r in first] != [r.get("question") for r in second]  # each rank its own images
     state = json.loads((tmp_path / "ddp" / "checkpoint" / "state.json").read_text())
     assert set(state["ranks"]) == {"0", "1"} and state["step"] == 4
+
+
+@pytest.mark.janus
+def test_asgkit_train_cli_starts_and_resumes(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from asg_kit.cli import app
+
+    runner = CliRunner()
+    common = ["--solver-max-new-tokens", "4", "--proposer-max-new-tokens", "6", "--checkpoint-every", "1"]
+    result = runner.invoke(app, ["train", "--backbone", "janus", "--model", str(setup / "model"), "--images", str(setup / "pool"), "--steps", "2", "--out", str(tmp_path / "run"), *common])
+    assert result.exit_code == 0, result.output
+    assert len(rows_of(tmp_path / "run")) == 2
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in rows_of(tmp_path / "run")] == [0, 1, 2]
+    result = runner.invoke(app, ["train", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--model", str(setup / "model"), "--backbone", "janus"])
+    assert result.exit_code == 2 and "nowhere" in result.output
+    assert runner.invoke(app, ["train"]).exit_code == 2
