@@ -14,7 +14,6 @@ training never uses.
 from __future__ import annotations
 
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -171,6 +170,3 @@ def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
 
-
-def kind_counts(items: Sequence[VQAItem]) -> dict[str, int]:
-    return dict(Counter(item.kind for item in items))

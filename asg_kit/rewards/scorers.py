@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-import torch
 from PIL import Image
 
 from asg_kit import prompts
@@ -223,6 +222,62 @@ class GenerationScorer:
 
 
 @dataclass
+class AskedQuestion:
+    """Steps 1-3 of the understanding step on one image: the Proposer's candidates, their
+    greedy Solver screening (STE and its rank), the kept candidate, and the Solver's 7
+    replies to it (the greedy decode first, then the temperature / top-p ladder)."""
+
+    asked: list[TextSample]
+    questions: list[str]
+    greedy: list[TextSample]
+    ste: list[float]
+    ranks: list[float]
+    chosen: int
+    replies: list[TextSample]
+
+    @property
+    def question(self) -> str:
+        return self.questions[self.chosen]
+
+
+def ask_screen_solve(
+    backbone: UnifiedBackbone,
+    image: Image.Image,
+    percentile: RollingPercentile,
+    seed: int,
+    candidates: int = 3,
+    proposer_temperature: float = 1.0,
+    target: float = 0.5,
+    easy_quantile: float = 0.30,
+    screen: bool = True,
+    proposer_max_new_tokens: int = 384,
+    solver_max_new_tokens: int = 96,
+) -> AskedQuestion:
+    """Ask K questions, screen each by one greedy decode's STE ranked in ``percentile``
+    (not updated here), keep the one nearest ``target`` preferring ranks >= ``easy_quantile``
+    (``screen=False``: keep the first), and answer it under the 7 framings."""
+    with backbone.role("proposer"):
+        asked = backbone.sample_answers(
+            [AnswerRequest(image, prompts.PROPOSER_QUESTION, proposer_temperature, seed=seed + c) for c in range(candidates)],
+            max_new_tokens=proposer_max_new_tokens,
+        )
+    questions = [prompts.parse_question(a.text) for a in asked]
+    with backbone.role("solver"):
+        greedy = backbone.sample_answers([AnswerRequest(image, prompts.solver_prompt(q), 0.0) for q in questions], solver_max_new_tokens)
+    ste = [float(reduce_first_k(g.entropies[None])[0]) if len(g.entropies) else 0.0 for g in greedy]
+    ranks = [percentile.rank(v) for v in ste]
+    # Screening buckets by quantile: below easy_quantile counts as easy and loses the tie.
+    chosen = min(range(len(questions)), key=lambda i: (ranks[i] < easy_quantile, abs(ranks[i] - target))) if screen else 0
+    ladder = prompts.pps_ladder()
+    with backbone.role("solver"):
+        sampled = backbone.sample_answers(
+            [AnswerRequest(image, prompts.solver_prompt(questions[chosen], f), t, p, seed=seed + 10 + f) for f, (t, p) in enumerate(ladder) if f > 0],
+            solver_max_new_tokens,
+        )
+    return AskedQuestion(asked, questions, greedy, ste, ranks, chosen, [greedy[chosen], *sampled])
+
+
+@dataclass
 class DifficultyResult:
     question: str
     candidates: list[dict]
@@ -237,41 +292,27 @@ class DifficultyResult:
 
 
 class DifficultyScorer:
-    """How hard an unlabeled image is for the Solver, as the understanding step measures it:
-    the Proposer asks ``candidates`` questions; each is screened with one greedy Solver
-    decode whose STE ranks it in the running window; the question nearest ``target``
-    difficulty is kept, preferring those not easy (rank >= 0.30); the Solver then answers it under the 7 framings
-    (sample 0 is the greedy decode, samples 1-6 on the temperature / top-p ladder)."""
+    """How hard an unlabeled image is for the Solver, as the understanding step measures it
+    (``ask_screen_solve``), then judged: vote statistics, d_STE and the bucket."""
 
     def __init__(
         self, backbone: UnifiedBackbone, candidates: int = 3, target: float = 0.5, easy_quantile: float = 0.30, proposer_temperature: float = 1.0, seed: int = 0
     ) -> None:
-        self.backbone, self.candidates, self.target, self.proposer_temperature, self.seed = backbone, candidates, target, proposer_temperature, seed
-        self.easy_quantile = easy_quantile
+        self.backbone, self.seed = backbone, seed
+        self.options = {"candidates": candidates, "target": target, "easy_quantile": easy_quantile, "proposer_temperature": proposer_temperature,
+                        "proposer_max_new_tokens": 24, "solver_max_new_tokens": 16}  # fmt: skip
         self.percentile = RollingPercentile()
         self.easy = EasyThreshold()
 
     def score(self, image: Image.Image, index: int = 0) -> DifficultyResult:
-        seed = self.seed + 100 * index
-        with self.backbone.role("proposer"):
-            asked = self.backbone.sample_answers(
-                [AnswerRequest(image, prompts.PROPOSER_QUESTION, self.proposer_temperature, seed=seed + c) for c in range(self.candidates)], max_new_tokens=24
-            )
-        questions = list(dict.fromkeys(prompts.parse_question(a.text) for a in asked if a.text.strip())) or [prompts.parse_question(asked[0].text)]
-        with self.backbone.role("solver"):
-            greedy = self.backbone.sample_answers([AnswerRequest(image, prompts.solver_prompt(q), 0.0) for q in questions], max_new_tokens=16)
-        ste = [float(reduce_first_k(s.entropies[None].float() if len(s.entropies) else torch.zeros(1, 1))[0]) for s in greedy]
-        ranks = [self.percentile.rank(value) for value in ste]
-        candidates = [{"question": q, "ste_raw": v, "d_ste": d, "greedy_answer": split_answer(g.text)[0]} for q, v, d, g in zip(questions, ste, ranks, greedy)]
-        # Screening buckets by quantile: below easy_quantile counts as easy and loses the tie.
-        chosen = min(range(len(questions)), key=lambda i: (ranks[i] < self.easy_quantile, abs(ranks[i] - self.target)))
-        ladder = prompts.pps_ladder()
-        requests = [AnswerRequest(image, prompts.solver_prompt(questions[chosen], framing), t, p, seed=seed + framing) for framing, (t, p) in enumerate(ladder) if framing > 0]
-        with self.backbone.role("solver"):
-            sampled = self.backbone.sample_answers(requests, max_new_tokens=16)
-        answers = [split_answer(greedy[chosen].text)[0]] + [split_answer(s.text)[0] for s in sampled]
+        found = ask_screen_solve(self.backbone, image, self.percentile, self.seed + 100 * index, **self.options)
+        candidates = [
+            {"question": q, "ste_raw": v, "d_ste": d, "greedy_answer": split_answer(g.text)[0]}
+            for q, v, d, g in zip(found.questions, found.ste, found.ranks, found.greedy)
+        ]
+        answers = [split_answer(r.text)[0] for r in found.replies]
         stats = vote_stats(answers)
-        d_ste = self.percentile.update(ste[chosen])
+        d_ste = self.percentile.update(found.ste[found.chosen])
         bucket = difficulty_bucket(stats, self.easy.value)
         self.easy.update(stats.entropy)
-        return DifficultyResult(questions[chosen], candidates, answers, ste[chosen], d_ste, stats.entropy, stats.majority, stats.majority_share, stats.margin, bucket)
+        return DifficultyResult(found.question, candidates, answers, found.ste[found.chosen], d_ste, stats.entropy, stats.majority, stats.majority_share, stats.margin, bucket)

@@ -56,13 +56,12 @@ from asg_kit.rewards import (
     RollingPercentile,
     difficulty_bucket,
     proposer_reward,
-    reduce_first_k,
     score_question,
     spec_quality,
     split_answer,
     vote_stats,
 )
-from asg_kit.rewards.scorers import GenerationScorer, QAFidelityScorer
+from asg_kit.rewards.scorers import GenerationScorer, QAFidelityScorer, ask_screen_solve
 from asg_kit.train.losses import (
     AdaptiveKL,
     EMABaseline,
@@ -220,28 +219,16 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
         measured for the coefficient's controller (None when no update ran)."""
         kl_measured = None
         if kind == "understanding":
-            # 1. Ask: K candidate questions.
-            with backbone.role("proposer"):
-                asked = backbone.sample_answers(
-                    [AnswerRequest(image, prompts.PROPOSER_QUESTION, config.proposer_temperature, seed=seed + c) for c in range(config.question_candidates)],
-                    max_new_tokens=config.proposer_max_new_tokens,
-                )
-            questions = [prompts.parse_question(a.text) for a in asked]
-            # 2. Screen: one greedy Solver decode each, ranked by its STE.
-            with backbone.role("solver"):
-                greedy = backbone.sample_answers([AnswerRequest(image, prompts.solver_prompt(q), 0.0) for q in questions], config.solver_max_new_tokens)
-            ste = [float(reduce_first_k(g.entropies[None])[0]) if len(g.entropies) else 0.0 for g in greedy]
-            ranks = [percentile.rank(v) for v in ste]
-            chosen = min(range(len(questions)), key=lambda i: (ranks[i] < config.easy_quantile, abs(ranks[i] - config.difficulty_target))) if config.use_ste else 0
-            question = questions[chosen]
-            # 3. Solve under the 7 framings: greedy is sample 0, the rest climb the ladder.
+            # 1-3. Ask K questions, screen each by its greedy decode's STE, solve the kept one
+            # under the 7 framings (greedy is sample 0, the rest climb the ladder).
+            found = ask_screen_solve(backbone, image, percentile, seed, config.question_candidates, config.proposer_temperature,
+                                     config.difficulty_target, config.easy_quantile, config.use_ste,
+                                     config.proposer_max_new_tokens, config.solver_max_new_tokens)  # fmt: skip
+            asked, questions, greedy, ste, ranks, chosen, replies = (
+                found.asked, found.questions, found.greedy, found.ste, found.ranks, found.chosen, found.replies
+            )
+            question = found.question
             ladder = prompts.pps_ladder()
-            with backbone.role("solver"):
-                sampled = backbone.sample_answers(
-                    [AnswerRequest(image, prompts.solver_prompt(question, f), t, p, seed=seed + 10 + f) for f, (t, p) in enumerate(ladder) if f > 0],
-                    config.solver_max_new_tokens,
-                )
-            replies = [greedy[chosen], *sampled]
             # 4. Judge.
             d_ste = percentile.update(ste[chosen]) if config.use_ste else 0.0
             buckets = {"easy_share": config.easy_share, "unsolvable_share": config.unsolvable_share}
