@@ -173,15 +173,20 @@ def test_two_processes_under_torchrun(setup, tmp_path):
     config = config_for(setup, tmp_path / "ddp", steps=4)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.__dict__))
+    import socket
+
+    with socket.socket() as probe:  # a free port, so parallel or leftover runs never collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29517", "-m", "asg_kit.train.loop", str(path)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "asg_kit.train.loop", str(path)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "ddp", "metrics.rank1.jsonl")
     assert len(first) == len(second) == 4
-    assert [r.get("question") for r in first] != [r.get("question") for r in second]  # each rank its own images
+    assert [r["image"] for r in first] != [r["image"] for r in second]  # each rank its own images
     state = json.loads((tmp_path / "ddp" / "checkpoint" / "state.json").read_text())
     assert set(state["ranks"]) == {"0", "1"} and state["step"] == 4
 

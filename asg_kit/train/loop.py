@@ -361,9 +361,10 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
         kind = step_kind(config, step)
         began = time.time()
         row: dict = {"step": step, "kind": kind, "beta": kl_control.beta}
+        path = pool[rng.randrange(len(pool))]
+        row["image"] = path.name
         try:
-            loaded = load_image(pool[rng.randrange(len(pool))])
-            image = loaded.image
+            image = load_image(path).image
         except BadImage as error:
             row.update(skip="unreadable image", detail=str(error))
             image = None
