@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -225,7 +226,7 @@ def train(
 
 
 micro_app = typer.Typer(
-    help="The shapes world and the micro model: train it, write unlabeled pools, run the ground-truth benchmarks.",
+    help="The shapes world and the micro model: train it and write unlabeled pools (its benchmarks: `asgkit bench --backbone micro`).",
     no_args_is_help=True,
 )
 app.add_typer(micro_app, name="micro")
@@ -279,50 +280,121 @@ def micro_train(
     console.print(f"model written to {export}")
 
 
-@micro_app.command("bench")
-def micro_bench(
-    model: Optional[Path] = typer.Option(None, help="A micro model folder (default: the one shipped in the package)."),
-    per_kind: int = typer.Option(50, help="shapes-VQA questions per question kind."),
-    per_category: int = typer.Option(16, help="shapes-GenEval prompts per category (at most the distinct prompts there are)."),
-    images: int = typer.Option(4, help="shapes-GenEval images per prompt."),
-    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for generation."),
-    seed: int = typer.Option(0, help="Benchmark seed (questions, prompts and sampling)."),
-    grid: Optional[Path] = typer.Option(None, help="Also save a PNG grid of generations next to their prompts."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every answer and verdict as JSON."),
+bench_app = typer.Typer(
+    help="Benchmarks: the paper's understanding suite (lmms-eval), GenEval, and the shapes world's ground-truth benchmarks.",
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    tasks: list[str] = typer.Option(
+        [], "--tasks", "-t",
+        help="Tasks or presets, repeatable or comma-separated. Presets: paper (the 7 lmms-eval tasks of the paper's 8 "
+        "understanding metrics + geneval), understanding, shapes (shapes_vqa + shapes_geneval). Tasks: shapes_vqa, "
+        "shapes_geneval, geneval, or any lmms-eval task (mmmu_val, ...). Default: shapes for micro, paper otherwise.",
+    ),
+    backbone: str = typer.Option("micro", help="Registered backbone (asgkit's registry: janus, micro)."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id [default: the backbone's own]."),
+    roles: Optional[Path] = typer.Option(None, help="Trained role adapters to evaluate: a training run's folder (its checkpoint/roles) or a roles folder."),
+    base: bool = typer.Option(False, "--base", help="Evaluate the base model, every adapter off."),
+    out: Path = typer.Option(Path("runs/bench"), help="Output folder: results.json, samples/, geneval/."),
+    seed: int = typer.Option(0, help="Seed of prompts, questions and sampling."),
+    device: Optional[str] = typer.Option(None, help="Device for the model, e.g. cuda."),
+    dtype: Optional[str] = typer.Option(None, help="Model dtype, e.g. bfloat16."),
+    reference: Optional[str] = typer.Option(None, help="Published row to compare with (blip3o-8b, bagel, vargpt-v1.1, janus-pro-7b, janus-pro-1b, micro) [default: by backbone]."),
+    fresh: bool = typer.Option(False, "--fresh", help="Re-run tasks already in OUT/results.json with the same settings."),
+    data_dir: Optional[Path] = typer.Option(None, help="Local lmms-eval datasets, one save_to_disk folder per task (see `asgkit bench save-data`): runs offline."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N documents of each lmms-eval task and the first N GenEval prompts (smoke runs)."),
+    batch_size: int = typer.Option(8, min=1, help="Requests decoded together in lmms-eval tasks."),
+    gen_kwargs: Optional[str] = typer.Option(None, help="Override lmms-eval generation arguments, e.g. 'max_new_tokens=64'."),
+    geneval: Optional[Path] = typer.Option(None, help="GenEval checkout, or a folder or file with its evaluation_metadata.jsonl (needed by the geneval task)."),
+    geneval_mode: str = typer.Option("portable", help="portable: transformers Mask2Former + CLIP with GenEval's rules (unofficial); official: GenEval's own evaluator (needs --geneval CHECKOUT, --detector-dir); images: only write the images."),
+    images_per_prompt: int = typer.Option(4, min=1, help="GenEval images per prompt (GenEval: 4)."),
+    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for GenEval and shapes-GenEval."),
+    evaluator_python: str = typer.Option(sys.executable, help="Official mode: the python of GenEval's environment (mmdet, open_clip)."),
+    detector_dir: Optional[Path] = typer.Option(None, help="Official mode: folder with GenEval's Mask2Former .pth checkpoint (its --model-path)."),
+    model_config: Optional[Path] = typer.Option(None, help="Official mode: mmdetection config file, when mmdet was installed from a wheel."),
+    detector: Optional[str] = typer.Option(None, help="Portable mode: transformers Mask2Former, folder or hub id [default: facebook/mask2former-swin-small-coco-instance]."),
+    clip: Optional[str] = typer.Option(None, help="Portable mode: transformers CLIP, folder or hub id [default: openai/clip-vit-large-patch14]."),
+    per_kind: int = typer.Option(50, min=1, help="shapes-VQA questions per question kind."),
+    per_category: int = typer.Option(16, min=1, help="shapes-GenEval prompts per category (at most the distinct prompts there are)."),
+    shapes_images: int = typer.Option(4, min=1, help="shapes-GenEval images per prompt."),
 ) -> None:
-    """Run shapes-VQA and shapes-GenEval, judged against the world's ground truth."""
-    from asg_kit.adapters.registry import load_backbone
-    from asg_kit.jsonl import write_json_atomic
-    from asg_kit.micro import benchmarks
+    """Benchmark a backbone and set the numbers beside the published ones. `asgkit bench` alone runs the shapes benchmarks of the shipped micro model (about a minute on a CPU); `asgkit bench --backbone janus --model PATH --tasks paper --geneval GENEVAL` the paper's table. Results: OUT/results.json; a re-run keeps the tasks already done."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from asg_kit.bench.run import BenchConfig, run_bench
 
     _quiet_transformers()
-    backbone = load_backbone("micro", model=str(model) if model else None)
-    items = benchmarks.vqa_items(per_kind, seed)
-    metadata = benchmarks.geneval_prompts(per_category, seed)
-    with _progress() as progress:
-        task = progress.add_task("shapes-VQA", total=len(items))
-        vqa = benchmarks.run_vqa(backbone, items, progress=lambda n: progress.advance(task, n))
-        task = progress.add_task("shapes-GenEval", total=len(metadata))
-        gen = benchmarks.run_geneval(backbone, metadata, images, guidance, seed=seed, progress=lambda n: progress.advance(task, n))
+    names = tuple(name.strip() for value in tasks for name in value.split(",") if name.strip())
+    paths = {key: str(value) if value is not None else None for key, value in {"roles": roles, "data_dir": data_dir, "geneval": geneval, "detector_dir": detector_dir, "model_config": model_config}.items()}  # fmt: skip
+    config = BenchConfig(
+        backbone=backbone, model=model, base=base, tasks=names, out=str(out), seed=seed, device=device, dtype=dtype,
+        reference=reference, fresh=fresh, limit=limit, batch_size=batch_size, gen_kwargs=gen_kwargs,
+        geneval_mode=geneval_mode, images_per_prompt=images_per_prompt, guidance=guidance, evaluator_python=evaluator_python,
+        detector=detector, clip=clip, per_kind=per_kind, per_category=per_category, shapes_images=shapes_images, **paths,
+    )  # fmt: skip
+    try:
+        with _progress() as progress:
 
-    table = Table(title=f"shapes-VQA ({len(items)} questions)")
-    for column in ("overall", *vqa.per_kind):
-        table.add_column(column, justify="right")
-    table.add_row(f"{vqa.accuracy:.1%}", *(f"{v:.1%}" for v in vqa.per_kind.values()))
+            def bar(description: str, total: int):
+                task = progress.add_task(description, total=total)
+                return lambda n: progress.advance(task, n)
+
+            results = run_bench(config, progress_bar=bar, log=lambda line: progress.console.print(escape(line), highlight=False))
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
+    _print_bench(results)
+    console.print(f"results: {Path(config.out) / 'results.json'}")
+
+
+def _print_bench(results: dict) -> None:
+    from asg_kit.bench.published import REFERENCES
+
+    reference = REFERENCES.get(results.get("reference") or "")
+    measured = {label: value for entry in results["tasks"].values() for label, value in entry.get("paper_values", {}).items()}
+    table = Table(title="measured beside published" + (f": {reference.label}" if reference else " (no published row for this model)"))
+    for column in ("metric", "measured", "published base", "published ASG", "measured - base"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for label, value in measured.items():
+        base = reference.base.get(label) if reference else None
+        asg = reference.asg.get(label) if reference else None
+        table.add_row(label, f"{value:.1f}", _maybe(base), _maybe(asg), f"{value - base:+.1f}" if base is not None else "-")
     console.print(table)
-    table = Table(title=f"shapes-GenEval ({len(metadata)} prompts x {images} images, guidance {guidance})")
-    for column in ("overall", *gen.categories):
-        table.add_column(column, justify="right")
-    table.add_row(f"{gen.overall:.1%}", *(f"{v:.1%}" if v is not None else "-" for v in gen.categories.values()))
-    console.print(table)
-    if grid:
-        picks = [next(i for i, m in enumerate(metadata) if m["tag"] == tag) for tag in dict.fromkeys(m["tag"] for m in metadata)]
-        benchmarks.prompt_grid([metadata[i]["prompt"] for i in picks], [gen.images[i] for i in picks]).save(grid)
-        console.print(f"grid saved to {grid}")
-    if json_out:
-        write_json_atomic(json_out, {"vqa": {"accuracy": vqa.accuracy, "per_kind": vqa.per_kind, "rows": vqa.rows},
-                                     "geneval": {"overall": gen.overall, "categories": gen.categories, "rows": gen.rows}})  # fmt: skip
-        console.print(f"wrote {json_out}")
+    for task, entry in results["tasks"].items():
+        if task == "geneval" and entry.get("official") is False:
+            console.print("[yellow]GenEval portable mode: transformers detector and CLIP with GenEval's rules; GenEval-compatible, not official numbers.[/yellow]")
+        if not entry.get("paper_values") and entry.get("metrics"):
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in entry["metrics"].items() if isinstance(v, (int, float)))
+            console.print(f"{task}: {shown}")
+    if reference:
+        console.print(f"published: {reference.source}", highlight=False)
+
+
+def _maybe(value) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
+@bench_app.command("save-data")
+def bench_save_data(
+    tasks: list[str] = typer.Argument(..., help="lmms-eval tasks or presets (paper, understanding) to copy."),
+    data_dir: Path = typer.Option(..., help="Where to save them, one folder per task."),
+) -> None:
+    """Copy lmms-eval tasks' datasets from the hub to DATA_DIR (run where the hub is reachable), for offline `asgkit bench --data-dir DATA_DIR`."""
+    from asg_kit.bench.run import PRESETS
+    from asg_kit.bench.understanding import save_task_data
+
+    names = [t for name in tasks for t in PRESETS.get(name, (name,)) if t not in ("geneval", "shapes_vqa", "shapes_geneval")]
+    for task in names:
+        try:
+            target = save_task_data(task, data_dir)
+        except (ValueError, ImportError, OSError) as error:
+            errors.print(f"[red]error:[/red] {task}: {escape(str(error))}", highlight=False)
+            raise typer.Exit(2)
+        console.print(f"{task} -> {target}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -32,13 +32,14 @@ def relations(box_a: Sequence[float], box_b: Sequence[float], threshold: float =
     offset = centre_a - centre_b; each axis of |offset| shrinks by threshold * (size_a +
     size_b) on that axis (floored at 0); with nothing left there is no relation; else the
     shrunk offset over the unshrunk norm gives "left of" / "right of" below -0.5 / above
-    0.5 on x, "above" / "below" likewise on y (several can hold).
+    0.5 on x, "above" / "below" likewise on y (several can hold). "Nothing left" is GenEval's
+    tolerance: both shrunk components below 1e-3.
     """
     offset = ((box_a[0] + box_a[2] - box_b[0] - box_b[2]) / 2, (box_a[1] + box_a[3] - box_b[1] - box_b[3]) / 2)
     sizes = (box_a[2] - box_a[0] + box_b[2] - box_b[0], box_a[3] - box_a[1] + box_b[3] - box_b[1])
     shrunk = [math.copysign(max(0.0, abs(o) - threshold * s), o) for o, s in zip(offset, sizes)]
     norm = math.hypot(*offset)
-    if norm == 0 or (abs(shrunk[0]) < 1e-9 and abs(shrunk[1]) < 1e-9):
+    if norm == 0 or (abs(shrunk[0]) < 1e-3 and abs(shrunk[1]) < 1e-3):
         return set()
     dx, dy = shrunk[0] / norm, shrunk[1] / norm
     found = set()
@@ -53,8 +54,62 @@ def relations(box_a: Sequence[float], box_b: Sequence[float], threshold: float =
     return found
 
 
-def judge(metadata: dict, objects: Iterable[FoundObject], position_threshold: float = 0.1) -> tuple[bool, str]:
-    """(correct, reason) for one image of the prompt described by ``metadata``."""
+@dataclass(frozen=True)
+class Thresholds:
+    """GenEval's detection filter (its ``--options`` defaults): a detection counts above
+    ``score`` (``counting`` for every class in a counting prompt, so that counts are
+    exact at high confidence), at most ``max_objects`` per class, and a per-class greedy
+    suppression of boxes overlapping a kept one by ``max_overlap`` IoU or more (1.0: off)."""
+
+    score: float = 0.3
+    counting: float = 0.9
+    max_objects: int = 16
+    max_overlap: float = 1.0
+    position: float = 0.1
+
+
+def box_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
+    """IoU with GenEval's inclusive-pixel areas: (x1 - x0 + 1) * (y1 - y0 + 1)."""
+
+    def area(box):
+        return max(box[2] - box[0] + 1, 0) * max(box[3] - box[1] + 1, 0)
+
+    inner = area((max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3])))
+    union = area(box_a) + area(box_b) - inner
+    return inner / union if union else 0.0
+
+
+def keep_detections(detections: Iterable[FoundObject], tag: str, thresholds: Thresholds = Thresholds()) -> list[FoundObject]:
+    """The detections GenEval judges: per class, those scoring strictly above the
+    threshold, most confident first, the top ``max_objects``, then greedy suppression."""
+    cutoff = thresholds.counting if tag == "counting" else thresholds.score
+    by_class: dict[str, list[FoundObject]] = {}
+    for obj in sorted(detections, key=lambda o: -o.score):
+        if obj.score > cutoff:
+            by_class.setdefault(obj.cls, []).append(obj)
+    kept: list[FoundObject] = []
+    for objects in by_class.values():
+        queue = objects[: thresholds.max_objects]
+        while queue:
+            best = queue.pop(0)
+            kept.append(best)
+            if thresholds.max_overlap < 1:
+                queue = [o for o in queue if box_iou(best.box, o.box) < thresholds.max_overlap]
+    return kept
+
+
+def judge(
+    metadata: dict,
+    objects: Iterable[FoundObject],
+    position_threshold: float = 0.1,
+    classify_colors: Callable[[str, list[FoundObject]], list[str]] | None = None,
+) -> tuple[bool, str]:
+    """(correct, reason) for one image of the prompt described by ``metadata``.
+
+    Colours come from each object's ``color``, or, when ``classify_colors(cls, objects)``
+    is given, from it, called only for the objects a colour clause examines (GenEval
+    classifies those crops alone).
+    """
     by_class: dict[str, list[FoundObject]] = {}
     for obj in sorted(objects, key=lambda o: -o.score):
         by_class.setdefault(obj.cls, []).append(obj)
@@ -66,7 +121,8 @@ def judge(metadata: dict, objects: Iterable[FoundObject], position_threshold: fl
             return False, f"expected {cls}>={count}, found {len(by_class.get(cls, []))}"
         color = clause.get("color")
         if color is not None:
-            wrong = [o.color for o in found if o.color != color]
+            colors = classify_colors(cls, found) if classify_colors is not None else [o.color for o in found]
+            wrong = [c for c in colors if c != color]
             if wrong:
                 return False, f"expected {color} {cls}, found {' '.join(str(c) for c in wrong)} {cls}"
         if "position" in clause:
@@ -115,21 +171,26 @@ def write_layout(
     temperature: float = 1.0,
     seed: int = 0,
     progress=lambda n: None,
+    role: str | None = "generator",
 ) -> list:
     """Generate images for each prompt into GenEval's layout: ``folder/NNNNN/metadata.jsonl``
     (the prompt's line) and ``folder/NNNNN/samples/NNNN.png``. Prompts whose samples are all
-    there already are skipped, so an interrupted run resumes. Returns the prompt folders."""
+    there already are skipped, so an interrupted run resumes; a folder written for other
+    prompts is an error rather than a silent mix. Returns the prompt folders."""
     import json
     from pathlib import Path
 
     folder = Path(folder)
     written = []
-    with backbone.role("generator"):
+    with backbone.role(role):
         for index, meta in enumerate(metadata):
             target = folder / f"{index:05d}"
             samples = target / "samples"
             paths = [samples / f"{n:04d}.png" for n in range(images_per_prompt)]
             written.append(target)
+            existing = target / "metadata.jsonl"
+            if existing.is_file() and json.loads(existing.read_text(encoding="utf-8")) != meta:
+                raise ValueError(f"{existing} holds another prompt than line {index} of the metadata; write to a new folder")
             if all(p.is_file() for p in paths):
                 progress(1)
                 continue

@@ -40,21 +40,30 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
+def _write_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    _write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+    """Write JSON Lines, one record a line, all at once (old file or new, never half).
+    Values JSON cannot hold (numpy scalars, paths) are written as their ``str``."""
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
 
 
 def swap_in_folder(staged: str | os.PathLike, final: str | os.PathLike) -> None:

@@ -70,11 +70,12 @@ def test_greedy_is_deterministic_and_logs_policy_logprob(tiny_janus):
         assert torch.allclose(scores.logprobs[row, :n], sample.logprobs, atol=1e-4)
 
 
-def test_seeded_sampling_reproducible_and_shared_prefix_equals_one_at_a_time(tiny_janus):
+def test_seeded_sampling_reproducible_and_batches_equal_one_at_a_time(tiny_janus):
     img = image(3)
     reqs = requests_for(img) + [AnswerRequest(img, "what color is the circle ?", 1.0, seed=77)]
-    other = AnswerRequest(image(4), "how many objects ?", 1.3, 0.9)
-    batch = reqs + [other]
+    # Requests alone with their image (or with none) decode as one batch across images.
+    others = [AnswerRequest(image(4), "how many objects ?", 1.3, 0.9), AnswerRequest(None, "what is red ?", 1.0), AnswerRequest(image(6), "is it big ?", 0.0)]
+    batch = reqs + others
     with tiny_janus.role("solver"):
         together = tiny_janus.sample_answers(batch, max_new_tokens=10, seed=10)
         again = tiny_janus.sample_answers(batch, max_new_tokens=10, seed=10)
@@ -86,6 +87,9 @@ def test_seeded_sampling_reproducible_and_shared_prefix_equals_one_at_a_time(tin
     for a, b in zip(together, alone):
         assert a.token_ids == b.token_ids and a.text == b.text
         assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    with tiny_janus.role("solver"):  # every row with its own image: the shared prefix stops before the image
+        pair = tiny_janus.sample_answers([others[0], others[2]], max_new_tokens=10, seed=10 + len(reqs))
+    assert [s.token_ids for s in pair] == [alone[-3].token_ids, alone[-1].token_ids]
 
 
 def test_role_gradients_reach_only_that_role_and_reference_is_untouched(tiny_janus):

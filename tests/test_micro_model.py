@@ -36,10 +36,3 @@ def test_benchmarks_are_deterministic(micro):
     again = benchmarks.run_geneval(micro, prompts, images_per_prompt=1)
     assert [r["correct"] for r in gen.rows] == [r["correct"] for r in again.rows]
     assert len(gen.rows) == 6 and 0.0 <= gen.overall <= 1.0
-
-
-def test_micro_bench_cli(tmp_path):
-    grid = tmp_path / "grid.png"
-    result = CliRunner().invoke(app, ["micro", "bench", "--per-kind", "2", "--per-category", "1", "--images", "1", "--grid", str(grid)])
-    assert result.exit_code == 0, result.output
-    assert "shapes-VQA" in result.output and "shapes-GenEval" in result.output and grid.is_file()

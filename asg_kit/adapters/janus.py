@@ -347,8 +347,12 @@ class JanusAdapter:
         groups: dict[int, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(id(request.image), []).append(index)
+        # Requests sharing an image decode together from one prefill of their common prefix,
+        # image included; requests alone with their image (benchmarks) decode as one batch.
+        singles = [indices[0] for indices in groups.values() if len(indices) == 1]
+        batches = [indices for indices in groups.values() if len(indices) > 1] + ([singles] if singles else [])
         results: list[TextSample | None] = [None] * len(requests)
-        for indices in groups.values():
+        for indices in batches:
             group = [requests[i] for i in indices]
             seeds = [r.seed if r.seed is not None else seed + i for r, i in zip(group, indices)]
             for index, sample in zip(indices, self._sample_group(group, seeds, max_new_tokens)):
@@ -356,11 +360,12 @@ class JanusAdapter:
         return results  # type: ignore[return-value]
 
     def _sample_group(self, group: Sequence[AnswerRequest], seeds: Sequence[int], max_new_tokens: int) -> list[TextSample]:
-        image = group[0].image
-        features = self._image_features([image]).get(id(image))
-        rows = [self.prompt_ids(r.prompt, image is not None) for r in group]
-        embeds = [self._embed(ids, features) for ids in rows]
+        features = self._image_features([r.image for r in group])
+        rows = [self.prompt_ids(r.prompt, r.image is not None) for r in group]
+        embeds = [self._embed(ids, features.get(id(r.image))) for ids, r in zip(rows, group)]
         shared = _common_prefix(rows)
+        if len({id(r.image) for r in group}) > 1 and self.image_token_id in rows[0][:shared]:
+            shared = rows[0].index(self.image_token_id)  # image slots hold different features per row
         count = len(group)
 
         # One prefill of the shared prefix (image included), copied to every row.

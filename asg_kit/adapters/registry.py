@@ -35,3 +35,12 @@ def load_backbone(name: str, model: str | None = None, **options) -> UnifiedBack
     """
     cls = adapter_class(name)
     return cls.from_pretrained(model if model is not None else cls.default_model, **options)
+
+
+def roles_folder(path) -> str:
+    """Where trained role adapters are: ``path`` itself, or a training run's
+    ``checkpoint/roles`` when ``path`` is the run folder."""
+    from pathlib import Path
+
+    run_roles = Path(path) / "checkpoint" / "roles"
+    return str(run_roles if run_roles.is_dir() else Path(path))

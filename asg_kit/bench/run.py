@@ -1,0 +1,270 @@
+"""One benchmark run: load a backbone once, run the asked-for tasks, keep every result.
+
+Tasks are the shapes world's ``shapes_vqa`` and ``shapes_geneval``, ``geneval`` (GenEval's
+553 prompts), and any lmms-eval task name; presets name groups of them. Results go to
+``OUT/results.json`` (rewritten atomically after each task) with what is needed to run them
+again; a task already there with the same settings is kept, not re-run, so a killed run
+resumes where it stopped. Per-item records go to ``OUT/samples/<task>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from asg_kit.bench import published
+from asg_kit.bench.understanding import PAPER_TASKS, paper_values
+
+SHAPES_TASKS = ("shapes_vqa", "shapes_geneval")
+OWN_TASKS = (*SHAPES_TASKS, "geneval")
+PRESETS: dict[str, tuple[str, ...]] = {
+    "paper": (*PAPER_TASKS, "geneval"),
+    "understanding": PAPER_TASKS,
+    "shapes": SHAPES_TASKS,
+}
+GENEVAL_MODES = ("portable", "official", "images")
+
+ProgressBar = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass
+class BenchConfig:
+    backbone: str = "micro"
+    model: str | None = None  # checkpoint folder or hub id; None: the backbone's default
+    roles: str | None = None  # trained role adapters: a training run's folder or a save_roles folder
+    base: bool = False  # evaluate the base model (adapters off) instead of the roles
+    tasks: tuple[str, ...] = ()  # task names and presets; empty: the backbone's default
+    out: str = "runs/bench"
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    reference: str | None = None  # a key of published.REFERENCES; None: the backbone's default
+    fresh: bool = False  # re-run tasks already in results.json
+    # lmms-eval
+    data_dir: str | None = None  # save_to_disk copies, one folder per task: offline runs
+    limit: int | None = None  # documents per lmms-eval task, prompts for GenEval
+    batch_size: int = 8
+    gen_kwargs: str | None = None  # lmms-eval overrides, "max_new_tokens=64,temperature=0"
+    # GenEval
+    geneval: str | None = None  # GenEval checkout, its prompts folder or evaluation_metadata.jsonl
+    geneval_mode: str = "portable"
+    images_per_prompt: int = 4
+    guidance: float = 5.0
+    evaluator_python: str = sys.executable  # official mode: the GenEval environment's python
+    detector_dir: str | None = None  # official mode: folder of the mmdetection Mask2Former checkpoint
+    model_config: str | None = None  # official mode: mmdetection config path (for wheel installs of mmdet)
+    detector: str | None = None  # portable mode: transformers Mask2Former (folder or hub id)
+    clip: str | None = None  # portable mode: transformers CLIP (folder or hub id)
+    # shapes world
+    per_kind: int = 50
+    per_category: int = 16
+    shapes_images: int = 4
+
+
+def expand_tasks(names: tuple[str, ...] | list[str], backbone: str) -> list[str]:
+    """Presets expanded, duplicates dropped, order kept; nothing named: the backbone's
+    default (the shapes benchmarks for micro, the paper's suite otherwise)."""
+    names = list(names) or (["shapes"] if backbone == "micro" else ["paper"])
+    tasks: list[str] = []
+    for name in names:
+        for task in PRESETS.get(name, (name,)):
+            if task not in tasks:
+                tasks.append(task)
+    return tasks
+
+
+def check_config(config: BenchConfig, tasks: list[str]) -> None:
+    """Every problem with the options that can be seen before loading a model."""
+    problems = []
+    if config.geneval_mode not in GENEVAL_MODES:
+        problems.append(f"--geneval-mode must be one of {', '.join(GENEVAL_MODES)}, not {config.geneval_mode!r}")
+    if "geneval" in tasks:
+        if config.geneval is None:
+            problems.append("the geneval task needs GenEval's prompts: pass --geneval (a GenEval checkout or its evaluation_metadata.jsonl)")
+        if config.geneval_mode == "official" and config.detector_dir is None:
+            problems.append("--geneval-mode official needs --detector-dir (the folder of GenEval's Mask2Former checkpoint)")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def _fingerprint(config: BenchConfig, task: str) -> dict:
+    common = {"backbone": config.backbone, "model": config.model, "roles": config.roles, "base": config.base, "seed": config.seed}
+    if task == "shapes_vqa":
+        specific = {"per_kind": config.per_kind}
+    elif task == "shapes_geneval":
+        specific = {"per_category": config.per_category, "images": config.shapes_images, "guidance": config.guidance}
+    elif task == "geneval":
+        specific = {"geneval": config.geneval, "mode": config.geneval_mode, "limit": config.limit, "images": config.images_per_prompt, "guidance": config.guidance}  # fmt: skip
+    else:
+        specific = {"data_dir": config.data_dir, "limit": config.limit, "gen_kwargs": config.gen_kwargs}
+    return {**common, **specific}
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    import asg_kit
+
+    env = {
+        "asg_kit": asg_kit.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        from importlib.metadata import version
+
+        env["lmms_eval"] = version("lmms_eval")
+    except Exception:
+        env["lmms_eval"] = None
+    return env
+
+
+def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda description, total: (lambda n: None), log: Callable[[str], None] = lambda line: None) -> dict:
+    """Run ``config``'s tasks; return the results (also in ``OUT/results.json``)."""
+    from asg_kit.adapters.registry import load_backbone, roles_folder
+    from asg_kit.jsonl import write_json_atomic, write_jsonl_atomic
+
+    tasks = expand_tasks(config.tasks, config.backbone)
+    check_config(config, tasks)
+    out = Path(config.out)
+    results_path = out / "results.json"
+    previous = {}
+    if results_path.is_file() and not config.fresh:
+        import json
+
+        previous = json.loads(results_path.read_text(encoding="utf-8")).get("tasks", {})
+    reference = config.reference or published.default_reference(config.backbone, config.model)
+    if reference is not None and reference not in published.REFERENCES:
+        raise ValueError(f"unknown reference {reference!r}; known: {', '.join(published.REFERENCES)}")
+    results: dict = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+        "config": asdict(config),
+        "environment": environment(),
+        "reference": reference,
+        "tasks": {},
+    }
+
+    def save() -> None:
+        write_json_atomic(results_path, results)
+
+    todo = []
+    for task in tasks:
+        old = previous.get(task)
+        if old is not None and old.get("settings") == _fingerprint(config, task):
+            results["tasks"][task] = old
+            log(f"{task}: kept from the previous run in {results_path}")
+        else:
+            todo.append(task)
+    if not todo:
+        save()
+        return results
+
+    options = {key: value for key, value in {"device": config.device, "dtype": config.dtype}.items() if value}
+    backbone = load_backbone(config.backbone, model=config.model, **options)
+    if config.roles:
+        backbone.load_roles(roles_folder(config.roles))
+    solver = None if config.base else "solver"
+    generator = None if config.base else "generator"
+    results["model"] = {"backbone": config.backbone, "model": config.model or getattr(type(backbone), "default_model", None) or "(shipped weights)", "roles": config.roles, "solver_role": solver, "generator_role": generator}  # fmt: skip
+
+    def finish(task: str, entry: dict, samples: list[dict]) -> None:
+        entry["settings"] = _fingerprint(config, task)
+        results["tasks"][task] = entry
+        write_jsonl_atomic(out / "samples" / f"{task}.jsonl", samples)
+        save()
+
+    lmms_tasks = [t for t in todo if t not in OWN_TASKS]
+    for task in [t for t in todo if t in OWN_TASKS]:
+        if task == "shapes_vqa":
+            entry, samples = _shapes_vqa(backbone, config, solver, progress_bar)
+        elif task == "shapes_geneval":
+            entry, samples = _shapes_geneval(backbone, config, generator, progress_bar, out)
+        else:
+            entry, samples = _geneval(backbone, config, generator, progress_bar, out, log)
+        finish(task, entry, samples)
+    if lmms_tasks:
+        from asg_kit.bench.lmms_model import AsgkitLMM
+        from asg_kit.bench.understanding import run_tasks
+
+        model = AsgkitLMM(backbone, role=solver or "none", batch_size=config.batch_size, seed=config.seed)
+        log(f"lmms-eval: {', '.join(lmms_tasks)}" + (f" from {config.data_dir}" if config.data_dir else ""))
+        raw = run_tasks(model, lmms_tasks, data_dir=config.data_dir, limit=config.limit, seed=config.seed, gen_kwargs=config.gen_kwargs)
+        for task in lmms_tasks:
+            entry = dict(raw["tasks"][task])
+            entry["lmms_eval_version"] = raw["lmms_eval_version"]
+            entry["paper_values"] = paper_values({task: entry})
+            finish(task, entry, raw["samples"][task])
+    return results
+
+
+def _shapes_vqa(backbone, config: BenchConfig, role, progress_bar: ProgressBar) -> tuple[dict, list[dict]]:
+    from asg_kit.micro import benchmarks
+
+    items = benchmarks.vqa_items(config.per_kind, config.seed)
+    result = benchmarks.run_vqa(backbone, items, progress=progress_bar("shapes-VQA", len(items)), role=role)
+    entry = {"metrics": {"accuracy": result.accuracy, **{f"accuracy_{k}": v for k, v in result.per_kind.items()}}, "samples": len(items)}
+    entry["paper_values"] = {published.SHAPES_VQA: 100 * result.accuracy}
+    return entry, result.rows
+
+
+def _shapes_geneval(backbone, config: BenchConfig, role, progress_bar: ProgressBar, out: Path) -> tuple[dict, list[dict]]:
+    from asg_kit.micro import benchmarks
+
+    metadata = benchmarks.geneval_prompts(config.per_category, config.seed)
+    result = benchmarks.run_geneval(
+        backbone, metadata, config.shapes_images, config.guidance, seed=config.seed, progress=progress_bar("shapes-GenEval", len(metadata)), role=role
+    )
+    picks = [next(i for i, m in enumerate(metadata) if m["tag"] == tag) for tag in dict.fromkeys(m["tag"] for m in metadata)]
+    grid = out / "shapes_geneval_grid.png"
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    benchmarks.prompt_grid([metadata[i]["prompt"] for i in picks], [result.images[i] for i in picks]).save(grid)
+    entry = {"metrics": {"overall": result.overall, **result.categories}, "samples": len(result.rows), "prompts": len(metadata), "grid": str(grid)}
+    entry["paper_values"] = {published.SHAPES_GENEVAL: 100 * result.overall}
+    return entry, result.rows
+
+
+def _geneval(backbone, config: BenchConfig, role, progress_bar: ProgressBar, out: Path, log) -> tuple[dict, list[dict]]:
+    from asg_kit import geneval as rules
+    from asg_kit.bench import geneval
+
+    source = geneval.metadata_path(config.geneval)
+    metadata = geneval.load_metadata(source)[: config.limit]
+    images = out / "geneval" / "images"
+    rules.write_layout(backbone, metadata, images, config.images_per_prompt, config.guidance, seed=config.seed, progress=progress_bar("GenEval images", len(metadata)), role=role)  # fmt: skip
+    entry: dict = {"metadata": str(source), "prompts": len(metadata), "images": str(images), "mode": config.geneval_mode}
+    if config.geneval_mode == "images":
+        log(f"GenEval images written to {images}; score them with GenEval's evaluator")
+        return entry, []
+    outfile = out / "geneval" / "results.jsonl"
+    if config.geneval_mode == "official":
+        geneval_root = Path(config.geneval) if Path(config.geneval).is_dir() else source.parent.parent
+        rows = geneval.run_official(images, geneval_root, config.detector_dir, outfile, python=config.evaluator_python, model_config=config.model_config, log=log)  # fmt: skip
+        entry["official"] = True
+    else:
+        detector = geneval.Mask2FormerDetector(config.detector or geneval.DEFAULT_DETECTOR, device=_device(backbone))
+        colors = geneval.ClipColorClassifier(config.clip or geneval.DEFAULT_CLIP, device=_device(backbone))
+        rows = geneval.run_portable(images, outfile, detector, colors, progress=progress_bar("GenEval portable judge", len(metadata) * config.images_per_prompt))  # fmt: skip
+        entry.update(official=False, detector=config.detector or geneval.DEFAULT_DETECTOR, clip=config.clip or geneval.DEFAULT_CLIP)
+    summary = rules.summarize(rows)
+    entry["metrics"] = {"overall": summary["overall"], **summary["categories"]}
+    entry["samples"] = summary["images"]
+    entry["results_file"] = str(outfile)
+    values = {published.GENEVAL_COLUMNS[tag]: 100 * v for tag, v in summary["categories"].items() if v is not None and tag in published.GENEVAL_COLUMNS}
+    if summary["overall"] is not None:
+        values[published.GENEVAL_OVERALL] = 100 * summary["overall"]
+    entry["paper_values"] = values
+    return entry, rows
+
+
+def _device(backbone) -> str:
+    device = getattr(backbone, "device", None)
+    return str(device) if device is not None else "cpu"

@@ -1,0 +1,74 @@
+"""`asgkit bench` on the shapes world: the default job of the micro model, its results
+file, resuming, and the table beside the recorded numbers."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from asg_kit.bench.run import BenchConfig, expand_tasks, run_bench
+from asg_kit.cli import app
+from conftest import perturb_roles
+
+pytestmark = pytest.mark.janus
+
+SMALL = ["--per-kind", "2", "--per-category", "1", "--shapes-images", "1"]
+
+
+def test_presets_expand_in_order_without_duplicates():
+    assert expand_tasks((), "micro") == ["shapes_vqa", "shapes_geneval"]
+    assert expand_tasks((), "janus")[:2] == ["mmmu_val", "mmbench_en_dev"] and expand_tasks((), "janus")[-1] == "geneval"
+    assert expand_tasks(("mmmu_val", "understanding", "shapes_vqa"), "janus") == [
+        "mmmu_val", "mmbench_en_dev", "textvqa_val", "seedbench", "realworldqa", "mmvet", "mme", "shapes_vqa",
+    ]  # fmt: skip
+
+
+def test_bench_cli_runs_the_shapes_benchmarks_and_resumes(tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "--out", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "shapes-VQA" in result.output and "shapes-GenEval" in result.output and "shipped micro model" in result.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"shapes_vqa", "shapes_geneval"}
+    vqa, gen = results["tasks"]["shapes_vqa"], results["tasks"]["shapes_geneval"]
+    assert vqa["samples"] == 12 and gen["prompts"] == 6
+    assert vqa["paper_values"]["shapes-VQA"] == pytest.approx(100 * vqa["metrics"]["accuracy"])
+    rows = [json.loads(line) for line in (out / "samples" / "shapes_vqa.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and vqa["metrics"]["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 12)
+    assert (out / "shapes_geneval_grid.png").is_file()
+    assert results["config"]["seed"] == 0 and results["model"]["solver_role"] == "solver" and results["environment"]["torch"]
+
+    again = CliRunner().invoke(app, ["bench", "--out", str(out), *SMALL])
+    assert again.exit_code == 0 and again.output.count("kept from the previous run") == 2
+    assert json.loads((out / "results.json").read_text())["tasks"] == results["tasks"]
+    changed = CliRunner().invoke(app, ["bench", "--out", str(out), "--per-kind", "1", "--per-category", "1", "--shapes-images", "1"])
+    assert changed.exit_code == 0 and changed.output.count("kept from the previous run") == 1  # only shapes_geneval's settings match
+
+
+def test_base_flag_turns_the_roles_off(tmp_path):
+    results = run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path), base=True, per_kind=1))
+    assert results["model"]["solver_role"] is None and results["tasks"]["shapes_vqa"]["samples"] == 6
+
+
+def test_trained_roles_from_a_run_folder(tmp_path):
+    from asg_kit.adapters.registry import load_backbone
+
+    micro = load_backbone("micro")
+    perturb_roles(micro, scale=0.05)
+    micro.save_roles(tmp_path / "run" / "checkpoint" / "roles")  # where `asgkit train` keeps them
+    trained = run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path / "a"), roles=str(tmp_path / "run"), per_kind=3))
+    base = run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path / "b"), per_kind=3))
+    assert trained["model"]["roles"] == str(tmp_path / "run")
+    answers = [json.loads(line)["answer"] for line in (tmp_path / "a" / "samples" / "shapes_vqa.jsonl").read_text().splitlines()]
+    base_answers = [json.loads(line)["answer"] for line in (tmp_path / "b" / "samples" / "shapes_vqa.jsonl").read_text().splitlines()]
+    assert answers != base_answers  # the perturbed Solver answered
+
+
+def test_bad_options_are_reported_before_loading_anything(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--tasks", "geneval", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "needs GenEval's prompts" in result.output
+    result = runner.invoke(app, ["bench", "--tasks", "geneval", "--geneval", str(tmp_path), "--geneval-mode", "official", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--detector-dir" in result.output
+    result = runner.invoke(app, ["bench", "--reference", "gpt-9", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown reference" in result.output
