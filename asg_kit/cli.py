@@ -362,7 +362,8 @@ def _print_bench(results: dict) -> None:
     for label, value in measured.items():
         base = reference.base.get(label) if reference else None
         asg = reference.asg.get(label) if reference else None
-        table.add_row(label, f"{value:.1f}", _maybe(base), _maybe(asg), f"{value - base:+.1f}" if base is not None else "-")
+        shown = round(value, 1)
+        table.add_row(label, f"{shown:.1f}", _maybe(base), _maybe(asg), f"{shown - base:+.1f}" if base is not None else "-")
     console.print(table)
     for task, entry in results["tasks"].items():
         if task == "geneval" and entry.get("official") is False:

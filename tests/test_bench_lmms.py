@@ -132,6 +132,15 @@ def test_missing_local_copy_says_how_to_make_one(tmp_path):
         local_task_yamls(["textvqa_val"], tmp_path, tmp_path, task_manager())
 
 
+def test_save_data_names_unknown_tasks(tmp_path):
+    from typer.testing import CliRunner
+
+    from asg_kit.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "save-data", "mmmu_vall", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown lmms-eval task 'mmmu_vall'" in result.output
+
+
 def test_paper_preset_names_real_lmms_eval_tasks_and_metrics():
     manager = task_manager()
     assert all(task in manager.all_tasks for task in PAPER_TASKS)

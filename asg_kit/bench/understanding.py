@@ -97,7 +97,10 @@ def save_task_data(task: str, data_dir: str | Path) -> Path:
     import datasets
 
     require_lmms_eval()
-    config = task_manager()._get_config(task)
+    manager = task_manager()
+    if task not in manager.all_tasks:
+        raise ValueError(f"unknown lmms-eval task {task!r} (list them with `lmms-eval --tasks list`)")
+    config = manager._get_config(task)
     if "dataset_path" not in config:
         raise ValueError(f"{task!r} is not a single lmms-eval task with a dataset")
     kwargs = {k: v for k, v in (config.get("dataset_kwargs") or {}).items() if k in ("token", "revision", "data_files")}
