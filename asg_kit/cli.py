@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -104,11 +105,11 @@ def _score_json(record, score) -> dict:
 def score(
     folder: Path = typer.Argument(..., help="Images to score: GenEval's layout (NNNNN/metadata.jsonl + samples/), a folder with metadata.jsonl or prompts.jsonl ({'file', 'prompt'} per line), or images with sidecar .txt prompts."),
     backbone: str = typer.Option("micro", help="Registered backbone that judges (its Solver answers, captions and embeds)."),
-    model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id of the backbone [default: the backbone's own; for micro, the shipped model]."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id of the backbone (default: the backbone's own; for micro, the shipped model)."),
     samples: int = typer.Option(2, min=1, help="Solver samples per spec question."),
     seed: int = typer.Option(0, help="Seed of every sample."),
     questions: Optional[Path] = typer.Option(None, help="JSONL of your own checks: {'prompt': ..., 'questions': [{'question': ..., 'expected': ...}]} per line."),
-    out: Optional[Path] = typer.Option(None, help="Output JSONL, one line per image [default: FOLDER/asg_scores.jsonl, or asg_difficulty.jsonl]."),
+    out: Optional[Path] = typer.Option(None, help="Output JSONL, one line per image (default: FOLDER/asg_scores.jsonl, or asg_difficulty.jsonl)."),
     difficulty: bool = typer.Option(False, "--difficulty", help="Rank unlabeled images by difficulty instead (Proposer questions, STE, self-consistency, bucket); needs no prompts."),
     device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda."),
     dtype: Optional[str] = typer.Option(None, help="Weights dtype, e.g. bfloat16."),
@@ -148,6 +149,8 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    # peft asks transformers 5 a deprecated question on every adapter load; not the user's concern.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _print_summary(summary: dict, difficulty: bool) -> None:
@@ -183,7 +186,7 @@ def _print_summary(summary: dict, difficulty: bool) -> None:
 @app.command()
 def train(
     backbone: str = typer.Option("micro", help="Registered backbone to improve."),
-    model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id [default: the backbone's own]."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id (default: the backbone's own)."),
     images: Optional[Path] = typer.Option(None, help="Folder of unlabeled images (any layout; labels are never read)."),
     steps: int = typer.Option(10_000, help="Total steps (3 understanding : 2 generation)."),
     out: Optional[Path] = typer.Option(None, help="Run folder: metrics.jsonl, checkpoint/, config.json."),
@@ -232,9 +235,9 @@ micro_app = typer.Typer(
 app.add_typer(micro_app, name="micro")
 
 
-def _progress() -> Progress:
+def _progress(on: Console = console) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=on
     )
 
 
@@ -258,8 +261,8 @@ def micro_pool(
 def micro_train(
     run: Path = typer.Argument(..., help="Run folder: checkpoints, metrics.jsonl and, at the end, model/."),
     seed: int = typer.Option(0, help="Seed of the weights and of every batch."),
-    vq_steps: Optional[int] = typer.Option(None, help="Steps of the VQ tokenizer stage [default: 3000, MicroTrainConfig]."),
-    lm_steps: Optional[int] = typer.Option(None, help="Steps of the language/vision/generation stage [default: 6000]."),
+    vq_steps: Optional[int] = typer.Option(None, help="Steps of the VQ tokenizer stage (default: 3000, MicroTrainConfig)."),
+    lm_steps: Optional[int] = typer.Option(None, help="Steps of the language/vision/generation stage (default: 6000)."),
 ) -> None:
     """Train the micro model from scratch on the shapes world (about 35 minutes on 2 CPU cores with the defaults). Re-running the same command resumes from the last checkpoint."""
     from asg_kit.micro.train import MicroTrainConfig, train
@@ -280,9 +283,7 @@ def micro_train(
     console.print(f"model written to {export}")
 
 
-bench_app = typer.Typer(
-    help="Benchmarks: the paper's understanding suite (lmms-eval), GenEval, and the shapes world's ground-truth benchmarks.",
-)
+bench_app = typer.Typer()
 app.add_typer(bench_app, name="bench")
 
 
@@ -296,14 +297,14 @@ def bench(
         "shapes_geneval, geneval, or any lmms-eval task (mmmu_val, ...). Default: shapes for micro, paper otherwise.",
     ),
     backbone: str = typer.Option("micro", help="Registered backbone (asgkit's registry: janus, micro)."),
-    model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id [default: the backbone's own]."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id (default: the backbone's own)."),
     roles: Optional[Path] = typer.Option(None, help="Trained role adapters to evaluate: a training run's folder (its checkpoint/roles) or a roles folder."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model, every adapter off."),
     out: Path = typer.Option(Path("runs/bench"), help="Output folder: results.json, samples/, geneval/."),
     seed: int = typer.Option(0, help="Seed of prompts, questions and sampling."),
     device: Optional[str] = typer.Option(None, help="Device for the model, e.g. cuda."),
     dtype: Optional[str] = typer.Option(None, help="Model dtype, e.g. bfloat16."),
-    reference: Optional[str] = typer.Option(None, help="Published row to compare with (blip3o-8b, bagel, vargpt-v1.1, janus-pro-7b, janus-pro-1b, micro) [default: by backbone]."),
+    reference: Optional[str] = typer.Option(None, help="Published row to compare with (blip3o-8b, bagel, vargpt-v1.1, janus-pro-7b, janus-pro-1b, micro) (default: by backbone)."),
     fresh: bool = typer.Option(False, "--fresh", help="Re-run tasks already in OUT/results.json with the same settings."),
     data_dir: Optional[Path] = typer.Option(None, help="Local lmms-eval datasets, one save_to_disk folder per task (see `asgkit bench save-data`): runs offline."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N documents of each lmms-eval task and the first N GenEval prompts (smoke runs)."),
@@ -316,13 +317,13 @@ def bench(
     evaluator_python: str = typer.Option(sys.executable, help="Official mode: the python of GenEval's environment (mmdet, open_clip)."),
     detector_dir: Optional[Path] = typer.Option(None, help="Official mode: folder with GenEval's Mask2Former .pth checkpoint (its --model-path)."),
     model_config: Optional[Path] = typer.Option(None, help="Official mode: mmdetection config file, when mmdet was installed from a wheel."),
-    detector: Optional[str] = typer.Option(None, help="Portable mode: transformers Mask2Former, folder or hub id [default: facebook/mask2former-swin-small-coco-instance]."),
-    clip: Optional[str] = typer.Option(None, help="Portable mode: transformers CLIP, folder or hub id [default: openai/clip-vit-large-patch14]."),
+    detector: Optional[str] = typer.Option(None, help="Portable mode: transformers Mask2Former, folder or hub id (default: facebook/mask2former-swin-small-coco-instance)."),
+    clip: Optional[str] = typer.Option(None, help="Portable mode: transformers CLIP, folder or hub id (default: openai/clip-vit-large-patch14)."),
     per_kind: int = typer.Option(50, min=1, help="shapes-VQA questions per question kind."),
     per_category: int = typer.Option(16, min=1, help="shapes-GenEval prompts per category (at most the distinct prompts there are)."),
     shapes_images: int = typer.Option(4, min=1, help="shapes-GenEval images per prompt."),
 ) -> None:
-    """Benchmark a backbone and set the numbers beside the published ones. `asgkit bench` alone runs the shapes benchmarks of the shipped micro model (about a minute on a CPU); `asgkit bench --backbone janus --model PATH --tasks paper --geneval GENEVAL` the paper's table. Results: OUT/results.json; a re-run keeps the tasks already done."""
+    """Benchmark a backbone and set the numbers beside the published ones. `asgkit bench` alone runs the shapes benchmarks of the shipped micro model (about 30 seconds on 2 CPU cores); `asgkit bench --backbone janus --model PATH --tasks paper --geneval GENEVAL` the paper's table. Results: OUT/results.json; a re-run keeps the tasks already done."""
     if ctx.invoked_subcommand is not None:
         return
     from asg_kit.bench.run import BenchConfig, run_bench
@@ -337,7 +338,8 @@ def bench(
         detector=detector, clip=clip, per_kind=per_kind, per_category=per_category, shapes_images=shapes_images, **paths,
     )  # fmt: skip
     try:
-        with _progress() as progress:
+        # Bound to this stdout: lmms-eval's own prints are redirected to OUT/lmms_eval.log meanwhile.
+        with _progress(Console(file=sys.stdout)) as progress:
 
             def bar(description: str, total: int):
                 task = progress.add_task(description, total=total)
@@ -368,9 +370,9 @@ def _print_bench(results: dict) -> None:
     for task, entry in results["tasks"].items():
         if task == "geneval" and entry.get("official") is False:
             console.print("[yellow]GenEval portable mode: transformers detector and CLIP with GenEval's rules; GenEval-compatible, not official numbers.[/yellow]")
-        if not entry.get("paper_values") and entry.get("metrics"):
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in entry["metrics"].items() if isinstance(v, (int, float)))
-            console.print(f"{task}: {shown}")
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in entry.get("metrics", {}).items() if isinstance(v, (int, float)))
+        if shown:
+            console.print(f"{task}: {shown}", highlight=False)
     if reference:
         console.print(f"published: {reference.source}", highlight=False)
 

@@ -244,6 +244,17 @@ def test_official_mode_needs_a_geneval_checkout(tmp_path):
         geneval.run_official(tmp_path, tmp_path, tmp_path, tmp_path / "results.jsonl")
 
 
+def test_official_mode_reports_an_evaluator_that_cannot_run(tmp_path):
+    # What happens on a machine without GenEval's environment: its evaluator's first import fails.
+    script = tmp_path / "geneval" / "evaluation" / "evaluate_images.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("import mmdet  # GenEval's evaluator needs mmdetection\n")
+    lines = []
+    with pytest.raises(RuntimeError, match=r"(?s)exit 1.*python of GenEval's environment.*No module named 'mmdet'"):
+        geneval.run_official(tmp_path / "images", tmp_path / "geneval", tmp_path / "detector", tmp_path / "results.jsonl", log=lines.append)
+    assert lines[0].startswith("running ") and str(script) in lines[0] and "--model-path" in lines[0]
+
+
 def test_unknown_classes_are_named(tiny_judges):
     with pytest.raises(ValueError, match="does not know the class.*unicorn"):
         geneval.check_classes([{"tag": "single_object", "include": [{"class": "unicorn", "count": 1}], "prompt": "a unicorn"}], NAMES)

@@ -168,3 +168,22 @@ def test_asgkit_is_a_model_on_lmms_eval_registry_and_cli(mmmu_copy, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     written = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("*results.json")]
     assert written and written[0]["results"]["asgkit_local_mmmu_val"]["mmmu_acc,none"] >= 0.0
+
+
+def test_asgkit_bench_runs_an_lmms_eval_task_from_local_data(mmmu_copy, tmp_path):
+    from typer.testing import CliRunner
+
+    from asg_kit.cli import app
+
+    out = tmp_path / "bench"
+    args = ["bench", "--tasks", "mmmu_val,shapes_vqa", "--per-kind", "1", "--data-dir", str(mmmu_copy), "--limit", "3", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "MMMU" in result.output and "shapes-VQA" in result.output
+    entry = json.loads((out / "results.json").read_text())["tasks"]["mmmu_val"]
+    assert entry["samples"] == 3 and entry["dataset"] == str(mmmu_copy.resolve() / "mmmu_val") and entry["lmms_eval_version"]
+    assert entry["paper_values"]["MMMU"] == pytest.approx(100 * entry["metrics"]["mmmu_acc"])
+    samples = [json.loads(line) for line in (out / "samples" / "mmmu_val.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and all(s["gen_kwargs"]["max_new_tokens"] == 128 and "<image 1>" in s["prompt"] for s in samples)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and again.output.count("kept from the previous run") == 2

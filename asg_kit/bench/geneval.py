@@ -129,7 +129,10 @@ def run_official(
         log(line.rstrip())
         tail = (tail + [line.rstrip()])[-20:]
     if process.wait() != 0:
-        raise RuntimeError(f"GenEval's evaluator failed (exit {process.returncode}); its last lines:\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"GenEval's evaluator failed (exit {process.returncode}); is {python} the python of GenEval's environment "
+            "(mmdet, mmcv-full, open_clip, clip_benchmark, a CUDA GPU)? Its last lines:\n" + "\n".join(tail)
+        )
     return read_results(outfile)
 
 

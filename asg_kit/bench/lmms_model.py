@@ -103,7 +103,8 @@ class AsgkitLMM(lmms):
     training run's folder, or a ``save_roles`` folder); ``role``: which role answers ("solver" by default,
     "none" for the base model); ``batch_size``: requests decoded together; ``seed``:
     sampling seed for tasks that sample. An already loaded backbone can be passed as
-    ``backbone`` instead of a name.
+    ``backbone`` instead of a name, and ``progress_bar(description, total)`` returning an
+    ``advance(n)`` replaces the tqdm bar.
     """
 
     is_simple = True
@@ -118,6 +119,7 @@ class AsgkitLMM(lmms):
         device: str | None = None,
         dtype: str | None = None,
         seed: int = 0,
+        progress_bar=None,
         **unknown,
     ) -> None:
         super().__init__()
@@ -146,6 +148,7 @@ class AsgkitLMM(lmms):
             raise ValueError(f"backbone {backbone.name!r} has no role {self.role!r}; its roles: {', '.join(backbone.roles) or 'none'}")
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" and the like: the default
         self.seed = int(seed)
+        self.progress_bar = progress_bar  # (description, total) -> advance(n); tqdm when None
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "AsgkitLMM":
@@ -174,7 +177,11 @@ class AsgkitLMM(lmms):
         # a batch's padding is small and an out-of-memory error shows up at once.
         order = sorted(range(len(prepared)), key=lambda i: (repr(prepared[i][2]), -len(prepared[i][0])))
         answers: list[str | None] = [None] * len(prepared)
-        bar = tqdm(total=len(prepared), desc="asgkit generate_until", disable=self.rank != 0)
+        if self.progress_bar is not None:
+            advance = self.progress_bar(f"lmms-eval: {len(prepared)} requests", len(prepared))
+        else:
+            bar = tqdm(total=len(prepared), desc="asgkit generate_until", disable=self.rank != 0)
+            advance = bar.update
         start = 0
         while start < len(order):
             settings = prepared[order[start]][2]
@@ -189,9 +196,8 @@ class AsgkitLMM(lmms):
                 samples = self.backbone.sample_answers(requests_, max_new_tokens=settings.max_new_tokens)
             for i, sample in zip(batch, samples):
                 answers[i] = cut_at_stops(sample.text, settings.until)
-            bar.update(len(batch))
+            advance(len(batch))
             start += len(batch)
-        bar.close()
         return answers  # type: ignore[return-value]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:

@@ -195,9 +195,9 @@ def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda descriptio
         from asg_kit.bench.lmms_model import AsgkitLMM
         from asg_kit.bench.understanding import run_tasks
 
-        model = AsgkitLMM(backbone, role=solver or "none", batch_size=config.batch_size, seed=config.seed)
+        model = AsgkitLMM(backbone, role=solver or "none", batch_size=config.batch_size, seed=config.seed, progress_bar=progress_bar)
         log(f"lmms-eval: {', '.join(lmms_tasks)}" + (f" from {config.data_dir}" if config.data_dir else ""))
-        raw = run_tasks(model, lmms_tasks, data_dir=config.data_dir, limit=config.limit, seed=config.seed, gen_kwargs=config.gen_kwargs)
+        raw = run_tasks(model, lmms_tasks, data_dir=config.data_dir, limit=config.limit, seed=config.seed, gen_kwargs=config.gen_kwargs, log_file=out / "lmms_eval.log")  # fmt: skip
         for task in lmms_tasks:
             entry = dict(raw["tasks"][task])
             entry["lmms_eval_version"] = raw["lmms_eval_version"]

@@ -9,6 +9,7 @@ metrics and scoring) and only points the dataset at the local copy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -117,13 +118,15 @@ def run_tasks(
     limit: int | None = None,
     seed: int = 0,
     gen_kwargs: str | None = None,
+    log_file: str | Path | None = None,
 ) -> dict:
     """Evaluate ``model`` (an ``AsgkitLMM``) on lmms-eval ``tasks``.
 
     Returns ``{"tasks": {task: {"metrics", "samples", "version", "dataset"}}, "samples":
     {task: per-document records}, "lmms_eval_version"}``; metrics are lmms-eval's values
     (``"mmmu_acc"``...), without their filter suffix. ``gen_kwargs`` ("max_new_tokens=64,...")
-    overrides the tasks' generation arguments, as lmms-eval's ``--gen_kwargs`` does.
+    overrides the tasks' generation arguments, as lmms-eval's ``--gen_kwargs`` does. What
+    lmms-eval prints (per-subject tables and the like) goes to ``log_file`` when given.
     """
     require_lmms_eval()
     from lmms_eval import evaluator
@@ -138,20 +141,24 @@ def run_tasks(
         unknown = [task for task in names.values() if task not in manager.all_tasks]
         if unknown:
             raise ValueError(f"unknown lmms-eval task(s): {', '.join(unknown)} (list them with `lmms-eval --tasks list`)")
-        raw = evaluator.simple_evaluate(
-            model=model,
-            tasks=list(names.values()),
-            task_manager=manager,
-            limit=limit,
-            gen_kwargs=gen_kwargs,
-            bootstrap_iters=0,
-            log_samples=True,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            verbosity="ERROR",
-        )
+        with contextlib.ExitStack() as stack:
+            if log_file is not None:
+                Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(log_file, "a", encoding="utf-8"))))
+            raw = evaluator.simple_evaluate(
+                model=model,
+                tasks=list(names.values()),
+                task_manager=manager,
+                limit=limit,
+                gen_kwargs=gen_kwargs,
+                bootstrap_iters=0,
+                log_samples=True,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                verbosity="ERROR",
+            )
     if raw is None:  # lmms-eval returns None on ranks other than 0
         return {}
     results: dict = {"tasks": {}, "samples": {}, "lmms_eval_version": raw.get("lmms_eval_version")}
