@@ -193,7 +193,7 @@ def test_detector_masks_and_boxes_fit_the_image(tiny_judges):
     for obj, mask in detections:
         assert mask.shape == (50, 70) and mask.any() and 0.0 <= obj.score <= 1.0 and obj.cls in NAMES
         rows, cols = np.where(mask)
-        assert obj.box == (cols.min(), rows.min(), cols.max(), rows.max())
+        assert obj.box == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
 
 
 def test_colour_classifier_is_geneval_s_zero_shot_on_the_masked_crop(tiny_judges):

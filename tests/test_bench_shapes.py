@@ -72,3 +72,11 @@ def test_bad_options_are_reported_before_loading_anything(tmp_path):
     assert result.exit_code == 2 and "--detector-dir" in result.output
     result = runner.invoke(app, ["bench", "--reference", "gpt-9", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "unknown reference" in result.output
+
+
+def test_judged_tasks_need_a_judge_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("API_TYPE", raising=False)
+    result = CliRunner().invoke(app, ["bench", "--backbone", "janus", "--tasks", "understanding", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "mmbench_en_dev, mmvet score with lmms-eval's LLM judge" in result.output
+    assert "OPENAI_API_KEY" in result.output and not (tmp_path / "results.json").exists()

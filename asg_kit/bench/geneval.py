@@ -143,7 +143,7 @@ class Mask2FormerDetector:
     """COCO instance segmentation with a transformers Mask2Former checkpoint (local folder
     or hub id), post-processed as mmdetection's Mask2Former: top-k (query, class) pairs,
     masks at sigmoid > 0.5, score = class probability x mean mask probability inside the
-    mask, box = the mask's extent."""
+    mask, box = the mask's extent (right and bottom edges exclusive)."""
 
     def __init__(self, path: str = DEFAULT_DETECTOR, device: str = "cpu", max_per_image: int = 100) -> None:
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
@@ -181,7 +181,7 @@ class Mask2FormerDetector:
             if not bool(mask.any()):
                 continue
             rows, cols = torch.where(mask)
-            box = (float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max()))
+            box = (float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1))  # mmdet's mask2bbox
             found.append((geneval.FoundObject(self.class_names[cls], box, score=score), mask.cpu().numpy()))
         return found
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from asg_kit.bench import published
-from asg_kit.bench.understanding import PAPER_TASKS, paper_values
+from asg_kit.bench.understanding import PAPER_TASKS, missing_judge, paper_values
 
 SHAPES_TASKS = ("shapes_vqa", "shapes_geneval")
 OWN_TASKS = (*SHAPES_TASKS, "geneval")
@@ -87,6 +87,9 @@ def check_config(config: BenchConfig, tasks: list[str]) -> None:
             problems.append("the geneval task needs GenEval's prompts: pass --geneval (a GenEval checkout or its evaluation_metadata.jsonl)")
         if config.geneval_mode == "official" and config.detector_dir is None:
             problems.append("--geneval-mode official needs --detector-dir (the folder of GenEval's Mask2Former checkpoint)")
+    judge = missing_judge(tasks)
+    if judge:
+        problems.append(judge)
     if problems:
         raise ValueError("\n".join(problems))
 

@@ -22,6 +22,19 @@ PAPER_TASKS = ("mmmu_val", "mmbench_en_dev", "textvqa_val", "seedbench", "realwo
 # Tasks whose official metric asks an OpenAI-compatible model to judge or extract answers.
 JUDGED_TASKS = ("mmbench_en_dev", "mmvet")
 
+
+def missing_judge(tasks) -> str | None:
+    """Why ``tasks`` cannot be scored here, when some need lmms-eval's LLM judge and no
+    key for it is set (without one, lmms-eval retries every document with pauses)."""
+    judged = [task for task in tasks if task in JUDGED_TASKS]
+    key = "AZURE_API_KEY" if os.environ.get("API_TYPE", "openai") == "azure" else "OPENAI_API_KEY"
+    if not judged or os.environ.get(key):
+        return None
+    return (
+        f"{', '.join(judged)} score with lmms-eval's LLM judge (gpt-4o-class, OpenAI-compatible): set {key} "
+        "(and OPENAI_API_URL for another compatible server), or leave them out of --tasks"
+    )
+
 LOCAL_PREFIX = "asgkit_local_"
 
 
