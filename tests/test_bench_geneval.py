@@ -43,7 +43,7 @@ def test_metadata_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"evaluation_metadata.jsonl:2: .*needs include, prompt"):
         geneval.load_metadata(tmp_path)
     bad.write_text("not json\n")
-    with pytest.raises(ValueError, match=r":1: not JSON"):
+    with pytest.raises(ValueError, match=r":1: not valid JSON"):
         geneval.load_metadata(bad)
 
 

@@ -53,18 +53,11 @@ def load_metadata(source: str | Path) -> list[dict]:
     """GenEval's prompt lines (``tag``, ``include``, optional ``exclude``, ``prompt``)."""
     path = metadata_path(source)
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error})") from None
-            missing = [key for key in ("tag", "include", "prompt") if key not in row]
-            if missing:
-                raise ValueError(f"{path}:{number}: a GenEval prompt line needs {', '.join(missing)}")
-            rows.append(row)
+    for number, row in read_jsonl(path):
+        missing = [key for key in ("tag", "include", "prompt") if key not in row]
+        if missing:
+            raise ValueError(f"{path}:{number}: a GenEval prompt line needs {', '.join(missing)}")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no prompts")
     return rows
