@@ -284,6 +284,17 @@ def micro_train(
 
 
 bench_app = typer.Typer()
+
+# Options that `asgkit bench` and `asgkit bench geneval-score` share.
+GENEVAL_SOURCE = typer.Option(None, "--geneval", help="GenEval checkout, or a folder or file with its evaluation_metadata.jsonl (the geneval task's prompts; official mode's evaluator).")  # fmt: skip
+GENEVAL_MODE = typer.Option("portable", help="portable: transformers Mask2Former + CLIP with GenEval's rules (unofficial); official: GenEval's own evaluator (needs --geneval CHECKOUT, --detector-dir); images (bench only): only draw.")  # fmt: skip
+EVALUATOR_PYTHON = typer.Option(sys.executable, help="Official mode: the python of GenEval's environment (mmdet, open_clip).")
+DETECTOR_DIR = typer.Option(None, help="Official mode: folder with GenEval's Mask2Former .pth checkpoint (its --model-path).")
+MODEL_CONFIG = typer.Option(None, help="Official mode: mmdetection config file, when mmdet was installed from a wheel.")
+DETECTOR = typer.Option(None, help="Portable mode: transformers Mask2Former, folder or hub id (default: facebook/mask2former-swin-small-coco-instance).")  # fmt: skip
+CLIP = typer.Option(None, help="Portable mode: transformers CLIP, folder or hub id (default: openai/clip-vit-large-patch14).")
+REFERENCE = typer.Option(None, help="Published row to compare with (blip3o-8b, bagel, vargpt-v1.1, janus-pro-7b, janus-pro-1b, micro) (default: by backbone).")  # fmt: skip
+DEVICE = typer.Option(None, help="Device for the models, e.g. cuda.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -302,23 +313,23 @@ def bench(
     base: bool = typer.Option(False, "--base", help="Evaluate the base model, every adapter off."),
     out: Path = typer.Option(Path("runs/bench"), help="Output folder: results.json, samples/, geneval/."),
     seed: int = typer.Option(0, help="Seed of prompts, questions and sampling."),
-    device: Optional[str] = typer.Option(None, help="Device for the model, e.g. cuda."),
+    device: Optional[str] = DEVICE,
     dtype: Optional[str] = typer.Option(None, help="Model dtype, e.g. bfloat16."),
-    reference: Optional[str] = typer.Option(None, help="Published row to compare with (blip3o-8b, bagel, vargpt-v1.1, janus-pro-7b, janus-pro-1b, micro) (default: by backbone)."),
+    reference: Optional[str] = REFERENCE,
     fresh: bool = typer.Option(False, "--fresh", help="Re-run tasks already in OUT/results.json with the same settings."),
     data_dir: Optional[Path] = typer.Option(None, help="Local lmms-eval datasets, one save_to_disk folder per task (see `asgkit bench save-data`): runs offline."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N documents of each lmms-eval task and the first N GenEval prompts (smoke runs)."),
     batch_size: int = typer.Option(8, min=1, help="Requests decoded together in lmms-eval tasks."),
     gen_kwargs: Optional[str] = typer.Option(None, help="Override lmms-eval generation arguments, e.g. 'max_new_tokens=64'."),
-    geneval: Optional[Path] = typer.Option(None, help="GenEval checkout, or a folder or file with its evaluation_metadata.jsonl (needed by the geneval task)."),
-    geneval_mode: str = typer.Option("portable", help="portable: transformers Mask2Former + CLIP with GenEval's rules (unofficial); official: GenEval's own evaluator (needs --geneval CHECKOUT, --detector-dir); images: only write the images."),
+    geneval: Optional[Path] = GENEVAL_SOURCE,
+    geneval_mode: str = GENEVAL_MODE,
     images_per_prompt: int = typer.Option(4, min=1, help="GenEval images per prompt (GenEval: 4)."),
     guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for GenEval and shapes-GenEval."),
-    evaluator_python: str = typer.Option(sys.executable, help="Official mode: the python of GenEval's environment (mmdet, open_clip)."),
-    detector_dir: Optional[Path] = typer.Option(None, help="Official mode: folder with GenEval's Mask2Former .pth checkpoint (its --model-path)."),
-    model_config: Optional[Path] = typer.Option(None, help="Official mode: mmdetection config file, when mmdet was installed from a wheel."),
-    detector: Optional[str] = typer.Option(None, help="Portable mode: transformers Mask2Former, folder or hub id (default: facebook/mask2former-swin-small-coco-instance)."),
-    clip: Optional[str] = typer.Option(None, help="Portable mode: transformers CLIP, folder or hub id (default: openai/clip-vit-large-patch14)."),
+    evaluator_python: str = EVALUATOR_PYTHON,
+    detector_dir: Optional[Path] = DETECTOR_DIR,
+    model_config: Optional[Path] = MODEL_CONFIG,
+    detector: Optional[str] = DETECTOR,
+    clip: Optional[str] = CLIP,
     per_kind: int = typer.Option(50, min=1, help="shapes-VQA questions per question kind."),
     per_category: int = typer.Option(16, min=1, help="shapes-GenEval prompts per category (at most the distinct prompts there are)."),
     shapes_images: int = typer.Option(4, min=1, help="shapes-GenEval images per prompt."),
@@ -340,12 +351,7 @@ def bench(
     try:
         # Bound to this stdout: lmms-eval's own prints are redirected to OUT/lmms_eval.log meanwhile.
         with _progress(Console(file=sys.stdout)) as progress:
-
-            def bar(description: str, total: int):
-                task = progress.add_task(description, total=total)
-                return lambda n: progress.advance(task, n)
-
-            results = run_bench(config, progress_bar=bar, log=lambda line: progress.console.print(escape(line), highlight=False))
+            results = run_bench(config, progress_bar=_bar(progress), log=lambda line: progress.console.print(escape(line), highlight=False))
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
@@ -379,6 +385,47 @@ def _print_bench(results: dict) -> None:
 
 def _maybe(value) -> str:
     return f"{value:.1f}" if value is not None else "-"
+
+
+@bench_app.command("geneval-score")
+def bench_geneval_score(
+    images: Path = typer.Argument(..., help="A GenEval image folder (NNNNN/metadata.jsonl + NNNNN/samples/NNNN.png), drawn by any model or toolkit."),
+    out: Path = typer.Option(Path("runs/geneval-score"), help="Output folder: results.jsonl (one line per image) and results.json."),
+    geneval_mode: str = GENEVAL_MODE,
+    geneval: Optional[Path] = GENEVAL_SOURCE,
+    evaluator_python: str = EVALUATOR_PYTHON,
+    detector_dir: Optional[Path] = DETECTOR_DIR,
+    model_config: Optional[Path] = MODEL_CONFIG,
+    detector: Optional[str] = DETECTOR,
+    clip: Optional[str] = CLIP,
+    device: Optional[str] = DEVICE,
+    reference: Optional[str] = REFERENCE,
+) -> None:
+    """Score a GenEval image folder drawn elsewhere (for example by BAGEL's or BLIP3o's own scripts) in portable or official mode, beside a published row."""
+    from asg_kit.bench.run import BenchConfig, score_geneval_folder
+
+    _quiet_transformers()
+    paths = {key: str(value) if value is not None else None for key, value in {"geneval": geneval, "detector_dir": detector_dir, "model_config": model_config}.items()}  # fmt: skip
+    config = BenchConfig(backbone="none", tasks=("geneval",), out=str(out), device=device, reference=reference, geneval_mode=geneval_mode,
+                         evaluator_python=evaluator_python, detector=detector, clip=clip, **paths)  # fmt: skip
+    try:
+        with _progress(Console(file=sys.stdout)) as progress:
+            results = score_geneval_folder(images, config, progress_bar=_bar(progress), log=lambda line: progress.console.print(escape(line), highlight=False))
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
+    _print_bench(results)
+    console.print(f"results: {out / 'results.json'}")
+
+
+def _bar(progress: Progress):
+    """A progress-bar factory for the library: (description, total) -> advance(n)."""
+
+    def bar(description: str, total: int):
+        task = progress.add_task(description, total=total)
+        return lambda n: progress.advance(task, n)
+
+    return bar
 
 
 @bench_app.command("save-data")

@@ -238,6 +238,21 @@ def test_portable_mode_end_to_end(tiny_judges, tmp_path):
     assert entry["metrics"]["overall"] == summary["overall"]
     assert entry["paper_values"]["GenEval overall"] == pytest.approx(100 * summary["overall"])
 
+    # The same folder scored on its own, as images drawn by another toolkit would be.
+    rescored = CliRunner().invoke(app, ["bench", "geneval-score", str(out / "geneval" / "images"), "--detector", str(tiny_judges[0]),
+                                        "--clip", str(tiny_judges[1]), "--reference", "bagel", "--out", str(tmp_path / "rescored")])  # fmt: skip
+    assert rescored.exit_code == 0, rescored.output
+    assert "BAGEL" in rescored.output and "82.0" in rescored.output  # the published base overall beside ours
+    again = [json.loads(line) for line in (tmp_path / "rescored" / "results.jsonl").read_text().splitlines()]
+    assert [(r["filename"], r["correct"], r["details"]) for r in again] == [(r["filename"], r["correct"], r["details"]) for r in rows]
+
+
+def test_geneval_score_reports_bad_folders_and_modes(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "geneval-score", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "no GenEval image folder" in result.output
+    result = CliRunner().invoke(app, ["bench", "geneval-score", str(tmp_path), "--geneval-mode", "images", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "official or portable mode" in result.output
+
 
 def test_official_mode_needs_a_geneval_checkout(tmp_path):
     with pytest.raises(FileNotFoundError, match="evaluate_images.py"):

@@ -69,6 +69,8 @@ def layout_images(folder: str | Path) -> list[tuple[Path, dict]]:
     import re
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no GenEval image folder at {folder}")
     found = []
     for prompt_dir in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()):
         meta_file = prompt_dir / "metadata.jsonl"

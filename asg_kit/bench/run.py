@@ -243,29 +243,59 @@ def _geneval(backbone, config: BenchConfig, role, progress_bar: ProgressBar, out
     metadata = geneval.load_metadata(source)[: config.limit]
     images = out / "geneval" / "images"
     rules.write_layout(backbone, metadata, images, config.images_per_prompt, config.guidance, seed=config.seed, progress=progress_bar("GenEval images", len(metadata)), role=role)  # fmt: skip
-    entry: dict = {"metadata": str(source), "prompts": len(metadata), "images": str(images), "mode": config.geneval_mode}
+    entry: dict = {"metadata": str(source), "prompts": len(metadata)}
     if config.geneval_mode == "images":
-        log(f"GenEval images written to {images}; score them with GenEval's evaluator")
-        return entry, []
-    outfile = out / "geneval" / "results.jsonl"
+        log(f"GenEval images written to {images}; score them with `asgkit bench geneval-score {images}` or GenEval's evaluator")
+        return {**entry, "images": str(images), "mode": "images"}, []
+    scored, rows = score_geneval(images, config, out / "geneval" / "results.jsonl", _device(backbone), progress_bar, log)
+    return {**entry, **scored}, rows
+
+
+def score_geneval(images: Path, config: BenchConfig, outfile: Path, device: str = "cpu", progress_bar: ProgressBar = lambda d, t: (lambda n: None), log=lambda line: None) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Judge a GenEval image folder in ``config.geneval_mode`` ("official" or "portable"),
+    writing GenEval's results file to ``outfile``; return the task entry and the rows."""
+    from asg_kit import geneval as rules
+    from asg_kit.bench import geneval
+
+    entry: dict = {"images": str(images), "mode": config.geneval_mode, "results_file": str(outfile)}
     if config.geneval_mode == "official":
-        geneval_root = Path(config.geneval) if Path(config.geneval).is_dir() else source.parent.parent
+        if config.geneval is None or config.detector_dir is None:
+            raise ValueError("official mode needs --geneval (a GenEval checkout) and --detector-dir (its Mask2Former checkpoint folder)")
+        source = Path(config.geneval)
+        geneval_root = source if source.is_dir() else geneval.metadata_path(source).parent.parent
         rows = geneval.run_official(images, geneval_root, config.detector_dir, outfile, python=config.evaluator_python, model_config=config.model_config, log=log)  # fmt: skip
         entry["official"] = True
-    else:
-        detector = geneval.Mask2FormerDetector(config.detector or geneval.DEFAULT_DETECTOR, device=_device(backbone))
-        colors = geneval.ClipColorClassifier(config.clip or geneval.DEFAULT_CLIP, device=_device(backbone))
-        rows = geneval.run_portable(images, outfile, detector, colors, progress=progress_bar("GenEval portable judge", len(metadata) * config.images_per_prompt))  # fmt: skip
+    elif config.geneval_mode == "portable":
+        found = geneval.layout_images(images)
+        detector = geneval.Mask2FormerDetector(config.detector or geneval.DEFAULT_DETECTOR, device=device)
+        colors = geneval.ClipColorClassifier(config.clip or geneval.DEFAULT_CLIP, device=device)
+        rows = geneval.run_portable(images, outfile, detector, colors, progress=progress_bar("GenEval portable judge", len(found)))
         entry.update(official=False, detector=config.detector or geneval.DEFAULT_DETECTOR, clip=config.clip or geneval.DEFAULT_CLIP)
+    else:
+        raise ValueError(f"GenEval images are scored in official or portable mode, not {config.geneval_mode!r}")
     summary = rules.summarize(rows)
     entry["metrics"] = {"overall": summary["overall"], **summary["categories"]}
     entry["samples"] = summary["images"]
-    entry["results_file"] = str(outfile)
     values = {published.GENEVAL_COLUMNS[tag]: 100 * v for tag, v in summary["categories"].items() if v is not None and tag in published.GENEVAL_COLUMNS}
     if summary["overall"] is not None:
         values[published.GENEVAL_OVERALL] = 100 * summary["overall"]
     entry["paper_values"] = values
     return entry, rows
+
+
+def score_geneval_folder(images: str | Path, config: BenchConfig, progress_bar: ProgressBar = lambda d, t: (lambda n: None), log=lambda line: None) -> dict:  # fmt: skip
+    """Score GenEval images drawn elsewhere (any model, any toolkit); results as ``run_bench``
+    gives them, written to ``OUT/results.json`` and ``OUT/results.jsonl``."""
+    from asg_kit.jsonl import write_json_atomic
+
+    if config.reference is not None and config.reference not in published.REFERENCES:
+        raise ValueError(f"unknown reference {config.reference!r}; known: {', '.join(published.REFERENCES)}")
+    out = Path(config.out)
+    entry, _ = score_geneval(Path(images), config, out / "results.jsonl", config.device or "cpu", progress_bar, log)
+    results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "config": asdict(config), "environment": environment(),
+               "reference": config.reference, "tasks": {"geneval": entry}}  # fmt: skip
+    write_json_atomic(out / "results.json", results)
+    return results
 
 
 def _device(backbone) -> str:
