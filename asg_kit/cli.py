@@ -428,6 +428,34 @@ def _bar(progress: Progress):
     return bar
 
 
+@bench_app.command("compare")
+def bench_compare(
+    before: Path = typer.Argument(..., help="results.json of the first run (or its folder), e.g. the base model."),
+    after: Path = typer.Argument(..., help="results.json of the second run (or its folder), e.g. after `asgkit train`."),
+) -> None:
+    """Two benchmark runs side by side with their change, beside the published base -> ASG change."""
+    import json
+
+    from asg_kit.bench.run import compare
+
+    loaded = []
+    for path in (before, after):
+        path = path / "results.json" if path.is_dir() else path
+        try:
+            loaded.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as error:
+            errors.print(f"[red]error:[/red] cannot read {escape(str(path))}: {escape(str(error))}", highlight=False)
+            raise typer.Exit(2)
+    table = Table(title=f"{before} -> {after}")
+    for column in ("metric", "before", "after", "change", "published base", "published ASG", "published change"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in compare(*loaded):
+        change, published_change = row["change"], row["published_change"]
+        table.add_row(row["metric"], _maybe(row["before"]), _maybe(row["after"]), f"{change:+.1f}" if change is not None else "-",
+                      _maybe(row["published_base"]), _maybe(row["published_asg"]), f"{published_change:+.1f}" if published_change is not None else "-")  # fmt: skip
+    console.print(table)
+
+
 @bench_app.command("save-data")
 def bench_save_data(
     tasks: list[str] = typer.Argument(..., help="lmms-eval tasks or presets (paper, understanding) to copy."),

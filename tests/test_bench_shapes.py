@@ -80,3 +80,21 @@ def test_judged_tasks_need_a_judge_key(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["bench", "--backbone", "janus", "--tasks", "understanding", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "mmbench_en_dev, mmvet score with lmms-eval's LLM judge" in result.output
     assert "OPENAI_API_KEY" in result.output and not (tmp_path / "results.json").exists()
+
+
+def test_compare_sets_two_runs_beside_the_published_change(tmp_path):
+    from asg_kit.bench.run import compare
+
+    before = {"reference": "bagel", "tasks": {"geneval": {"paper_values": {"GenEval overall": 80.0, "GenEval counting": 70.0}}, "mmmu_val": {"paper_values": {"MMMU": 50.0}}}}  # fmt: skip
+    after = {"reference": "bagel", "tasks": {"geneval": {"paper_values": {"GenEval overall": 83.5, "GenEval counting": 76.0}}}}
+    rows = {row["metric"]: row for row in compare(before, after)}
+    assert rows["GenEval overall"]["change"] == pytest.approx(3.5) and rows["GenEval overall"]["published_change"] == pytest.approx(3.0)
+    assert rows["GenEval counting"]["published_base"] == 81 and rows["GenEval counting"]["published_asg"] == 87
+    assert rows["MMMU"]["after"] is None and rows["MMMU"]["change"] is None and rows["MMMU"]["published_change"] == pytest.approx(3.5)
+    for name, results in (("a", before), ("b", after)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    shown = CliRunner().invoke(app, ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b")], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "+3.5" in shown.output and "+3.0" in shown.output
+    missing = CliRunner().invoke(app, ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "cannot read" in missing.output

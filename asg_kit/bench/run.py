@@ -301,3 +301,25 @@ def score_geneval_folder(images: str | Path, config: BenchConfig, progress_bar: 
 def _device(backbone) -> str:
     device = getattr(backbone, "device", None)
     return str(device) if device is not None else "cpu"
+
+
+def compare(before: dict, after: dict) -> list[dict]:
+    """Rows of the paper's values measured in two runs (e.g. base and after ASG), beside the
+    published base -> ASG numbers of the reference the later run names (or the earlier)."""
+    reference = published.REFERENCES.get(after.get("reference") or before.get("reference") or "")
+
+    def values(results: dict) -> dict[str, float]:
+        return {label: v for entry in results.get("tasks", {}).values() for label, v in entry.get("paper_values", {}).items()}
+
+    first, second = values(before), values(after)
+    rows = []
+    for label in [*first, *(label for label in second if label not in first)]:
+        base = reference.base.get(label) if reference else None
+        asg = reference.asg.get(label) if reference else None
+        rows.append({
+            "metric": label, "before": first.get(label), "after": second.get(label),
+            "change": second[label] - first[label] if label in first and label in second else None,
+            "published_base": base, "published_asg": asg,
+            "published_change": asg - base if base is not None and asg is not None else None,
+        })  # fmt: skip
+    return rows
