@@ -294,7 +294,7 @@ MODEL_CONFIG = typer.Option(None, help="Official mode: mmdetection config file, 
 DETECTOR = typer.Option(None, help="Portable mode: transformers Mask2Former, folder or hub id (default: facebook/mask2former-swin-small-coco-instance).")  # fmt: skip
 CLIP = typer.Option(None, help="Portable mode: transformers CLIP, folder or hub id (default: openai/clip-vit-large-patch14).")
 REFERENCE = typer.Option(None, help="Published row to compare with (blip3o-8b, bagel, vargpt-v1.1, janus-pro-7b, janus-pro-1b, micro) (default: by backbone).")  # fmt: skip
-DEVICE = typer.Option(None, help="Device for the models, e.g. cuda.")
+DEVICE = typer.Option(None, help="Device for the models, e.g. cuda:1 (default: cuda when there is a GPU).")
 app.add_typer(bench_app, name="bench")
 
 

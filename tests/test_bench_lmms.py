@@ -89,7 +89,9 @@ def test_one_image_per_document():
 def test_mmmu_val_offline_through_lmms_eval(tiny_janus, mmmu_copy):
     backbone = Recording(tiny_janus)
     model = AsgkitLMM(backbone, role="solver", batch_size=3)
+    before = {key: os.environ.get(key) for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
     results = run_tasks(model, ["mmmu_val"], data_dir=mmmu_copy)
+    assert {key: os.environ.get(key) for key in before} == before  # the offline switch is undone
 
     # Every document reached the backbone once, with its images and lmms-eval's arguments.
     requests = [(request, max_new, sample) for batch, max_new, samples in backbone.calls for request, sample in zip(batch, samples)]

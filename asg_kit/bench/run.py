@@ -40,7 +40,7 @@ class BenchConfig:
     tasks: tuple[str, ...] = ()  # task names and presets; empty: the backbone's default
     out: str = "runs/bench"
     seed: int = 0
-    device: str | None = None
+    device: str | None = None  # None: cuda when available
     dtype: str | None = None
     reference: str | None = None  # a key of published.REFERENCES; None: the backbone's default
     fresh: bool = False  # re-run tasks already in results.json
@@ -171,7 +171,7 @@ def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda descriptio
         save()
         return results
 
-    options = {key: value for key, value in {"device": config.device, "dtype": config.dtype}.items() if value}
+    options = {key: value for key, value in {"device": config.device or default_device(), "dtype": config.dtype}.items() if value}
     backbone = load_backbone(config.backbone, model=config.model, **options)
     if config.roles:
         backbone.load_roles(roles_folder(config.roles))
@@ -291,11 +291,18 @@ def score_geneval_folder(images: str | Path, config: BenchConfig, progress_bar: 
     if config.reference is not None and config.reference not in published.REFERENCES:
         raise ValueError(f"unknown reference {config.reference!r}; known: {', '.join(published.REFERENCES)}")
     out = Path(config.out)
-    entry, _ = score_geneval(Path(images), config, out / "results.jsonl", config.device or "cpu", progress_bar, log)
+    entry, _ = score_geneval(Path(images), config, out / "results.jsonl", config.device or default_device() or "cpu", progress_bar, log)
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "config": asdict(config), "environment": environment(),
                "reference": config.reference, "tasks": {"geneval": entry}}  # fmt: skip
     write_json_atomic(out / "results.json", results)
     return results
+
+
+def default_device() -> str | None:
+    """A benchmark runs on the GPU when there is one (the backbone's own default otherwise)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
 
 
 def _device(backbone) -> str:

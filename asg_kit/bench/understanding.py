@@ -142,36 +142,36 @@ def run_tasks(
     lmms-eval prints (per-subject tables and the like) goes to ``log_file`` when given.
     """
     require_lmms_eval()
-    from lmms_eval import evaluator
+    with contextlib.ExitStack() as stack:
+        if data_dir is not None:
+            stack.enter_context(_hub_offline())
+        from lmms_eval import evaluator  # after the switch: datasets reads it when first imported
 
-    with tempfile.TemporaryDirectory(prefix="asgkit-lmms-tasks-") as include:
+        include = stack.enter_context(tempfile.TemporaryDirectory(prefix="asgkit-lmms-tasks-"))
         names = {task: task for task in tasks}
         if data_dir is not None:
-            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             names = local_task_yamls(tasks, data_dir, include, task_manager())
         manager = task_manager(include if data_dir is not None else None)
         unknown = [task for task in names.values() if task not in manager.all_tasks]
         if unknown:
             raise ValueError(f"unknown lmms-eval task(s): {', '.join(unknown)} (list them with `lmms-eval --tasks list`)")
-        with contextlib.ExitStack() as stack:
-            if log_file is not None:
-                Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(log_file, "a", encoding="utf-8"))))
-            raw = evaluator.simple_evaluate(
-                model=model,
-                tasks=list(names.values()),
-                task_manager=manager,
-                limit=limit,
-                gen_kwargs=gen_kwargs,
-                bootstrap_iters=0,
-                log_samples=True,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-                verbosity="ERROR",
-            )
+        if log_file is not None:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(log_file, "a", encoding="utf-8"))))
+        raw = evaluator.simple_evaluate(
+            model=model,
+            tasks=list(names.values()),
+            task_manager=manager,
+            limit=limit,
+            gen_kwargs=gen_kwargs,
+            bootstrap_iters=0,
+            log_samples=True,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            verbosity="ERROR",
+        )
     if raw is None:  # lmms-eval returns None on ranks other than 0
         return {}
     results: dict = {"tasks": {}, "samples": {}, "lmms_eval_version": raw.get("lmms_eval_version")}
@@ -191,6 +191,22 @@ def run_tasks(
         }
         results["samples"][task] = [_sample_record(s) for s in raw.get("samples", {}).get(name, [])]
     return results
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """The hub switched off for datasets and huggingface_hub inside the block."""
+    keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update({key: "1" for key in keys})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _sample_record(sample: dict) -> dict:
