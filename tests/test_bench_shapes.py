@@ -70,6 +70,8 @@ def test_bad_options_are_reported_before_loading_anything(tmp_path):
     assert result.exit_code == 2 and "needs GenEval's prompts" in result.output
     result = runner.invoke(app, ["bench", "--tasks", "geneval", "--geneval", str(tmp_path), "--geneval-mode", "official", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--detector-dir" in result.output
+    result = runner.invoke(app, ["bench", "--base", "--roles", str(tmp_path), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "pass one of them" in result.output
     result = runner.invoke(app, ["bench", "--reference", "gpt-9", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "unknown reference" in result.output
 

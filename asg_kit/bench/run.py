@@ -87,6 +87,8 @@ def check_config(config: BenchConfig, tasks: list[str]) -> None:
             problems.append("the geneval task needs GenEval's prompts: pass --geneval (a GenEval checkout or its evaluation_metadata.jsonl)")
         if config.geneval_mode == "official" and config.detector_dir is None:
             problems.append("--geneval-mode official needs --detector-dir (the folder of GenEval's Mask2Former checkpoint)")
+    if config.base and config.roles:
+        problems.append("--base evaluates the model with every adapter off, so --roles would be ignored: pass one of them")
     judge = missing_judge(tasks)
     if judge:
         problems.append(judge)
