@@ -189,3 +189,31 @@ def test_asgkit_bench_runs_an_lmms_eval_task_from_local_data(mmmu_copy, tmp_path
     assert len(samples) == 3 and all(s["gen_kwargs"]["max_new_tokens"] == 128 and "<image 1>" in s["prompt"] for s in samples)
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and again.output.count("kept from the previous run") == 2
+
+
+def test_two_processes_under_torchrun_answer_as_one(mmmu_copy, tmp_path):
+    import socket
+
+    include = tmp_path / "tasks"
+    include.mkdir()
+    local_task_yamls(["mmmu_val"], mmmu_copy, include, task_manager())
+    with socket.socket() as probe:  # a free port, so parallel or leftover runs never collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "lmms_eval", "--model", "asgkit", "--model_args", "backbone=micro", "--batch_size", "2",
+               "--tasks", "asgkit_local_mmmu_val", "--include_path", str(include), "--output_path", str(tmp_path / "out"), "--log_samples"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Running on rank 1" in run.stdout + run.stderr  # lmms-eval's own log: the second process took part
+    [samples_file] = (tmp_path / "out").rglob("*samples_asgkit_local_mmmu_val.jsonl")
+
+    def answer(sample):
+        filtered = sample["filtered_resps"]
+        return filtered[0] if isinstance(filtered, list) else filtered
+
+    sharded = {s["doc_id"]: answer(s) for s in map(json.loads, samples_file.read_text().splitlines())}
+    alone = run_tasks(AsgkitLMM("micro", batch_size=2), ["mmmu_val"], data_dir=mmmu_copy)
+    assert len(sharded) == len(DOCS)
+    assert sharded == {s["doc_id"]: answer(s) for s in alone["samples"]["mmmu_val"]}  # every document once, same answers

@@ -7,6 +7,10 @@ lmms-eval. From lmms-eval's own CLI the model is registered as ``asgkit`` throug
     lmms-eval --model asgkit --model_args backbone=janus,model=/ckpt/Janus-Pro-7B,roles=/runs/x/roles,device=cuda \\
         --tasks mmmu_val --batch_size 8
 
+Several processes work too (``torchrun --nproc_per_node N -m lmms_eval --model asgkit ...``
+or ``accelerate launch``): lmms-eval shards the documents by rank and gathers the results,
+and each process takes the GPU of its ``LOCAL_RANK``.
+
 Each request's generation arguments are honoured: ``max_new_tokens``, ``temperature``
 (0, or ``do_sample=False``, is greedy), ``top_p`` and the ``until`` stop strings (the text
 is cut at the first one). Backbones take one image per prompt, so a document with several
@@ -15,10 +19,12 @@ images is shown as one strip of them side by side, as lmms-eval's ``*_group_img`
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from lmms_eval.api.model import lmms
 from PIL import Image
 
@@ -131,6 +137,8 @@ class AsgkitLMM(lmms):
         if isinstance(backbone, str):
             from asg_kit.adapters.registry import load_backbone
 
+            if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+                device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under torchrun / accelerate
             options = {key: value for key, value in {"device": device, "dtype": dtype}.items() if value}
             self.backbone_name = backbone
             backbone = load_backbone(backbone, model=str(model) if model else None, **options)
@@ -159,6 +167,11 @@ class AsgkitLMM(lmms):
         args = simple_parse_args_string(arg_string)
         flags = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size", "device")}
         return cls(**{**flags, **args})
+
+    @property
+    def device(self):
+        """Where the backbone runs (lmms-eval's collectives put their tensors there)."""
+        return getattr(self.backbone, "device", "cpu")
 
     def describe(self) -> dict:
         """What a results file needs to name this model again."""
