@@ -45,6 +45,17 @@ def test_bench_cli_runs_the_shapes_benchmarks_and_resumes(tmp_path):
     assert changed.exit_code == 0 and changed.output.count("kept from the previous run") == 1  # only shapes_geneval's settings match
 
 
+def test_tasks_accumulate_in_one_folder_and_other_models_are_not_mixed_in(tmp_path):
+    run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path), per_kind=1))
+    results = run_bench(BenchConfig(tasks=("shapes_geneval",), out=str(tmp_path), per_category=1, shapes_images=1))
+    assert set(results["tasks"]) == {"shapes_vqa", "shapes_geneval"} and results["model"]["model"] == "(shipped weights)"
+    assert set(json.loads((tmp_path / "results.json").read_text())["tasks"]) == {"shapes_vqa", "shapes_geneval"}
+    with pytest.raises(ValueError, match="results of another model, roles or seed .*--fresh"):
+        run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path), per_kind=1, base=True))
+    replaced = run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path), per_kind=1, base=True, fresh=True))
+    assert set(replaced["tasks"]) == {"shapes_vqa"}
+
+
 def test_base_flag_turns_the_roles_off(tmp_path):
     results = run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path), base=True, per_kind=1))
     assert results["model"]["solver_role"] is None and results["tasks"]["shapes_vqa"]["samples"] == 6

@@ -96,8 +96,12 @@ def check_config(config: BenchConfig, tasks: list[str]) -> None:
         raise ValueError("\n".join(problems))
 
 
+def _common_settings(config: BenchConfig) -> dict:
+    return {"backbone": config.backbone, "model": config.model, "roles": config.roles, "base": config.base, "seed": config.seed}
+
+
 def _fingerprint(config: BenchConfig, task: str) -> dict:
-    common = {"backbone": config.backbone, "model": config.model, "roles": config.roles, "base": config.base, "seed": config.seed}
+    common = _common_settings(config)
     if task == "shapes_vqa":
         specific = {"per_kind": config.per_kind}
     elif task == "shapes_geneval":
@@ -134,7 +138,7 @@ def environment() -> dict:
 
 def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda description, total: (lambda n: None), log: Callable[[str], None] = lambda line: None) -> dict:
     """Run ``config``'s tasks; return the results (also in ``OUT/results.json``)."""
-    from asg_kit.adapters.registry import load_backbone, roles_folder
+    from asg_kit.adapters.registry import adapter_class, load_backbone, roles_folder
     from asg_kit.jsonl import write_json_atomic, write_jsonl_atomic
 
     tasks = expand_tasks(config.tasks, config.backbone)
@@ -146,6 +150,13 @@ def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda descriptio
         import json
 
         previous = json.loads(results_path.read_text(encoding="utf-8")).get("tasks", {})
+        common = _common_settings(config)
+        other = [task for task, entry in previous.items() if {k: entry.get("settings", {}).get(k) for k in common} != common]
+        if other:
+            raise ValueError(
+                f"{results_path} holds results of another model, roles or seed ({', '.join(other)}); "
+                "pass another --out, or --fresh to replace them"
+            )
     reference = config.reference or published.default_reference(config.backbone, config.model)
     if reference is not None and reference not in published.REFERENCES:
         raise ValueError(f"unknown reference {reference!r}; known: {', '.join(published.REFERENCES)}")
@@ -161,7 +172,15 @@ def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda descriptio
     def save() -> None:
         write_json_atomic(results_path, results)
 
+    solver = None if config.base else "solver"
+    generator = None if config.base else "generator"
+    default_model = getattr(adapter_class(config.backbone), "default_model", None)
+    results["model"] = {"backbone": config.backbone, "model": config.model or default_model or "(shipped weights)", "roles": config.roles, "solver_role": solver, "generator_role": generator}  # fmt: skip
+
     todo = []
+    for task, entry in previous.items():  # earlier tasks of this model in this folder stay
+        if task not in tasks:
+            results["tasks"][task] = entry
     for task in tasks:
         old = previous.get(task)
         if old is not None and old.get("settings") == _fingerprint(config, task):
@@ -177,9 +196,6 @@ def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda descriptio
     backbone = load_backbone(config.backbone, model=config.model, **options)
     if config.roles:
         backbone.load_roles(roles_folder(config.roles))
-    solver = None if config.base else "solver"
-    generator = None if config.base else "generator"
-    results["model"] = {"backbone": config.backbone, "model": config.model or getattr(type(backbone), "default_model", None) or "(shipped weights)", "roles": config.roles, "solver_role": solver, "generator_role": generator}  # fmt: skip
 
     def finish(task: str, entry: dict, samples: list[dict]) -> None:
         entry["settings"] = _fingerprint(config, task)
