@@ -238,6 +238,11 @@ def test_portable_mode_end_to_end(tiny_judges, tmp_path):
     assert entry["metrics"]["overall"] == summary["overall"]
     assert entry["paper_values"]["GenEval overall"] == pytest.approx(100 * summary["overall"])
 
+    # Images of a run that stopped before its results were written are not reused for other settings.
+    (out / "results.json").unlink()
+    other = CliRunner().invoke(app, [*args, "--guidance", "3"])
+    assert other.exit_code == 2 and "drawn with other settings" in other.output
+
     # The same folder scored on its own, as images drawn by another toolkit would be.
     rescored = CliRunner().invoke(app, ["bench", "geneval-score", str(out / "geneval" / "images"), "--detector", str(tiny_judges[0]),
                                         "--clip", str(tiny_judges[1]), "--reference", "bagel", "--out", str(tmp_path / "rescored")])  # fmt: skip

@@ -9,7 +9,9 @@ resumes where it stopped. Per-item records go to ``OUT/samples/<task>.jsonl``.
 
 from __future__ import annotations
 
+import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -147,8 +149,6 @@ def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda descriptio
     results_path = out / "results.json"
     previous = {}
     if results_path.is_file() and not config.fresh:
-        import json
-
         previous = json.loads(results_path.read_text(encoding="utf-8")).get("tasks", {})
         common = _common_settings(config)
         other = [task for task, entry in previous.items() if {k: entry.get("settings", {}).get(k) for k in common} != common]
@@ -256,10 +256,19 @@ def _shapes_geneval(backbone, config: BenchConfig, role, progress_bar: ProgressB
 def _geneval(backbone, config: BenchConfig, role, progress_bar: ProgressBar, out: Path, log) -> tuple[dict, list[dict]]:
     from asg_kit import geneval as rules
     from asg_kit.bench import geneval
+    from asg_kit.jsonl import write_json_atomic
 
     source = geneval.metadata_path(config.geneval)
     metadata = geneval.load_metadata(source)[: config.limit]
     images = out / "geneval" / "images"
+    # Drawing resumes image by image, so the folder must hold this model's images only.
+    drawn_with = out / "geneval" / "drawn_with.json"
+    settings = {**_common_settings(config), "images": config.images_per_prompt, "guidance": config.guidance, "metadata": str(source.resolve())}
+    if config.fresh:
+        shutil.rmtree(images, ignore_errors=True)
+    elif images.exists() and (not drawn_with.is_file() or json.loads(drawn_with.read_text(encoding="utf-8")) != settings):
+        raise ValueError(f"{images} holds images drawn with other settings (see {drawn_with}); pass another --out, or --fresh to redraw")
+    write_json_atomic(drawn_with, settings)
     rules.write_layout(backbone, metadata, images, config.images_per_prompt, config.guidance, seed=config.seed, progress=progress_bar("GenEval images", len(metadata)), role=role)  # fmt: skip
     entry: dict = {"metadata": str(source), "prompts": len(metadata)}
     if config.geneval_mode == "images":
