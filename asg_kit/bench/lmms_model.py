@@ -106,8 +106,8 @@ class AsgkitLMM(lmms):
 
     ``backbone``: a registered backbone name; ``model``: its checkpoint (local folder or
     hub id; the backbone's default when empty); ``roles``: trained role adapters (a
-    training run's folder, or a ``save_roles`` folder); ``role``: which role answers ("solver" by default,
-    "none" for the base model); ``batch_size``: requests decoded together; ``seed``:
+    training run's folder, or a ``save_roles`` folder); ``role``: which role answers
+    ("solver" by default, "none" for the base model); ``batch_size``: requests decoded together; ``seed``:
     sampling seed for tasks that sample. An already loaded backbone can be passed as
     ``backbone`` instead of a name, and ``progress_bar(description, total)`` returning an
     ``advance(n)`` replaces the tqdm bar.
@@ -140,17 +140,12 @@ class AsgkitLMM(lmms):
             if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
                 device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under torchrun / accelerate
             options = {key: value for key, value in {"device": device, "dtype": dtype}.items() if value}
-            self.backbone_name = backbone
             backbone = load_backbone(backbone, model=str(model) if model else None, **options)
-        else:
-            self.backbone_name = backbone.name
         if roles:
             from asg_kit.adapters.registry import roles_folder
 
             backbone.load_roles(roles_folder(roles))
         self.backbone = backbone
-        self.model_path = str(model) if model else None
-        self.roles_path = str(roles) if roles else None
         self.role = None if str(role).lower() in ("none", "base", "") else str(role)
         if self.role is not None and self.role not in backbone.roles:
             raise ValueError(f"backbone {backbone.name!r} has no role {self.role!r}; its roles: {', '.join(backbone.roles) or 'none'}")
@@ -172,10 +167,6 @@ class AsgkitLMM(lmms):
     def device(self):
         """Where the backbone runs (lmms-eval's collectives put their tensors there)."""
         return getattr(self.backbone, "device", "cpu")
-
-    def describe(self) -> dict:
-        """What a results file needs to name this model again."""
-        return {"backbone": self.backbone_name, "model": self.model_path, "roles": self.roles_path, "role": self.role, "batch_size": self.batch_size, "seed": self.seed}
 
     def generate_until(self, requests) -> list[str]:
         from tqdm import tqdm
