@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from asg_kit.bench import published
-from asg_kit.bench.understanding import PAPER_TASKS, missing_judge, paper_values
+from asg_kit.bench.understanding import PAPER_TASKS, check_tasks, missing_judge, paper_values
 
 SHAPES_TASKS = ("shapes_vqa", "shapes_geneval")
 OWN_TASKS = (*SHAPES_TASKS, "geneval")
@@ -157,6 +157,9 @@ def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda descriptio
                 f"{results_path} holds results of another model, roles or seed ({', '.join(other)}); "
                 "pass another --out, or --fresh to replace them"
             )
+    lmms_tasks = [task for task in tasks if task not in OWN_TASKS]
+    if lmms_tasks:
+        check_tasks(lmms_tasks, config.data_dir)
     reference = config.reference or published.default_reference(config.backbone, config.model)
     if reference is not None and reference not in published.REFERENCES:
         raise ValueError(f"unknown reference {reference!r}; known: {', '.join(published.REFERENCES)}")

@@ -105,6 +105,20 @@ def local_task_yamls(tasks: Sequence[str], data_dir: str | Path, folder: str | P
     return names
 
 
+def check_tasks(tasks: Sequence[str], data_dir: str | Path | None = None) -> None:
+    """Fail before any model loads: every name must be an lmms-eval task, and with
+    ``data_dir`` each must have its local copy there."""
+    require_lmms_eval()
+    manager = task_manager()
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s): {', '.join(unknown)}; asg-kit's own are shapes_vqa, shapes_geneval, geneval, "
+                         "the rest are lmms-eval's (list them with `lmms-eval --tasks list`)")  # fmt: skip
+    if data_dir is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            local_task_yamls(tasks, data_dir, scratch, manager)
+
+
 def save_task_data(task: str, data_dir: str | Path) -> Path:
     """Download ``task``'s dataset as lmms-eval loads it and save it to ``data_dir/<task>``
     (needs the hub; the copy then serves ``run_tasks(..., data_dir=...)`` offline)."""
