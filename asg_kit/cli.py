@@ -361,17 +361,15 @@ def bench(
 
 def _print_bench(results: dict) -> None:
     from asg_kit.bench.published import REFERENCES
+    from asg_kit.bench.run import beside_published
 
     reference = REFERENCES.get(results.get("reference") or "")
-    measured = {label: value for entry in results["tasks"].values() for label, value in entry.get("paper_values", {}).items()}
     table = Table(title="measured beside published" + (f": {reference.label}" if reference else " (no published row for this model)"))
     for column in ("metric", "measured", "published base", "published ASG", "measured - base"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for label, value in measured.items():
-        base = reference.base.get(label) if reference else None
-        asg = reference.asg.get(label) if reference else None
-        shown = round(value, 1)
-        table.add_row(label, f"{shown:.1f}", _maybe(base), _maybe(asg), f"{shown - base:+.1f}" if base is not None else "-")
+    for row in beside_published(results):
+        shown, base = round(row["measured"], 1), row["published_base"]
+        table.add_row(row["metric"], f"{shown:.1f}", _maybe(base), _maybe(row["published_asg"]), f"{shown - base:+.1f}" if base is not None else "-")
     console.print(table)
     for task, entry in results["tasks"].items():
         if task == "geneval" and entry.get("official") is False:

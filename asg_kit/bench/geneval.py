@@ -65,7 +65,7 @@ def load_metadata(source: str | Path) -> list[dict]:
 
 def layout_images(folder: str | Path) -> list[tuple[Path, dict]]:
     """Every sample image of a GenEval folder with its prompt's metadata, as GenEval's
-    evaluator finds them (all-digit prompt folders, ``samples/<digits>.png``)."""
+    evaluator finds them (all-digit prompt folders, ``samples/<digits>.png``); none is an error."""
     import re
 
     folder = Path(folder)
@@ -81,6 +81,8 @@ def layout_images(folder: str | Path) -> list[tuple[Path, dict]]:
         for image in sorted(samples.iterdir() if samples.is_dir() else ()):
             if image.is_file() and re.fullmatch(r"\d+\.png", image.name):
                 found.append((image, metadata))
+    if not found:
+        raise FileNotFoundError(f"no GenEval images under {folder} (expected NNNNN/samples/NNNN.png)")
     return found
 
 
@@ -255,18 +257,15 @@ def check_classes(metadata: Sequence[dict], class_names: Sequence[str]) -> None:
 
 
 def run_portable(
-    images: str | Path,
+    found: Sequence[tuple[Path, dict]],
     outfile: str | Path,
     detector: Mask2FormerDetector,
     colors: ClipColorClassifier,
     thresholds: geneval.Thresholds = geneval.Thresholds(),
     progress: Callable[[int], None] = lambda n: None,
 ) -> list[dict]:
-    """Judge every image of a GenEval folder; write and return GenEval-format result rows
-    (each marked ``"mode": "portable"``)."""
-    found = layout_images(images)
-    if not found:
-        raise FileNotFoundError(f"no GenEval images under {images} (expected NNNNN/samples/NNNN.png)")
+    """Judge the images of a GenEval folder (``layout_images``); write and return
+    GenEval-format result rows (each marked ``"mode": "portable"``)."""
     check_classes([metadata for _, metadata in found], detector.class_names)
     rows = []
     for path, metadata in found:

@@ -299,7 +299,7 @@ def score_geneval(images: Path, config: BenchConfig, outfile: Path, device: str 
         found = geneval.layout_images(images)
         detector = geneval.Mask2FormerDetector(config.detector or geneval.DEFAULT_DETECTOR, device=device)
         colors = geneval.ClipColorClassifier(config.clip or geneval.DEFAULT_CLIP, device=device)
-        rows = geneval.run_portable(images, outfile, detector, colors, progress=progress_bar("GenEval portable judge", len(found)))
+        rows = geneval.run_portable(found, outfile, detector, colors, progress=progress_bar("GenEval portable judge", len(found)))
         entry.update(official=False, detector=config.detector or geneval.DEFAULT_DETECTOR, clip=config.clip or geneval.DEFAULT_CLIP)
     else:
         raise ValueError(f"GenEval images are scored in official or portable mode, not {config.geneval_mode!r}")
@@ -340,19 +340,33 @@ def _device(backbone) -> str:
     return str(device) if device is not None else "cpu"
 
 
+def measured_values(results: dict) -> dict[str, float]:
+    """The paper's columns (in the paper's units) that a run's tasks filled."""
+    return {label: value for entry in results.get("tasks", {}).values() for label, value in entry.get("paper_values", {}).items()}
+
+
+def _published(reference: published.Reference | None, label: str) -> tuple[float | None, float | None]:
+    return (reference.base.get(label), reference.asg.get(label)) if reference else (None, None)
+
+
+def beside_published(results: dict) -> list[dict]:
+    """Each measured column beside the published base and ASG numbers of the run's reference."""
+    reference = published.REFERENCES.get(results.get("reference") or "")
+    rows = []
+    for label, value in measured_values(results).items():
+        base, asg = _published(reference, label)
+        rows.append({"metric": label, "measured": value, "published_base": base, "published_asg": asg})
+    return rows
+
+
 def compare(before: dict, after: dict) -> list[dict]:
     """Rows of the paper's values measured in two runs (e.g. base and after ASG), beside the
     published base -> ASG numbers of the reference the later run names (or the earlier)."""
     reference = published.REFERENCES.get(after.get("reference") or before.get("reference") or "")
-
-    def values(results: dict) -> dict[str, float]:
-        return {label: v for entry in results.get("tasks", {}).values() for label, v in entry.get("paper_values", {}).items()}
-
-    first, second = values(before), values(after)
+    first, second = measured_values(before), measured_values(after)
     rows = []
     for label in [*first, *(label for label in second if label not in first)]:
-        base = reference.base.get(label) if reference else None
-        asg = reference.asg.get(label) if reference else None
+        base, asg = _published(reference, label)
         rows.append({
             "metric": label, "before": first.get(label), "after": second.get(label),
             "change": second[label] - first[label] if label in first and label in second else None,

@@ -10,6 +10,7 @@ metrics and scoring) and only points the dataset at the local copy.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -72,6 +73,17 @@ def require_lmms_eval():
 
 
 def task_manager(include_path: str | None = None):
+    """lmms-eval's task index (lmms-eval's own tasks, plus ``include_path``'s). Indexing
+    takes seconds, so the one without extra tasks is built once per process."""
+    return _task_manager(include_path) if include_path is not None else _default_task_manager()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_task_manager():
+    return _task_manager(None)
+
+
+def _task_manager(include_path: str | None):
     from lmms_eval.tasks import TaskManager
 
     from asg_kit.bench.lmms_model import MODEL_NAME
