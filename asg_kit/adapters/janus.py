@@ -172,6 +172,7 @@ class JanusAdapter:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         local_files_only: bool | None = None,
+        upstream: str | Path | None = None,
         **options,
     ) -> "JanusAdapter":
         """Load a Janus checkpoint in transformers' format from a local directory or a hub
@@ -179,6 +180,8 @@ class JanusAdapter:
         import transformers
         from transformers import AutoTokenizer
 
+        if upstream is not None:
+            raise ValueError(f"backbone {cls.name!r} is native in transformers and runs no upstream checkout: drop --upstream")
         janus_class, processor_class = require_janus()
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
