@@ -129,8 +129,9 @@ def score(
         settings.max_pixels = max_pixels
     try:
         discovery = discover(folder)
-        check_judge(Judge(backbone, model, dtype), device)
-        output = ScoreOutput(folder, out, discovery, settings, Judge(backbone, model, dtype))
+        identity = Judge(backbone, model, dtype)
+        check_judge(identity, device)
+        output = ScoreOutput(folder, out, discovery, settings, identity)
         with output:
             options = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v}
             _quiet_transformers()

@@ -179,7 +179,8 @@ def _inputs(folder: Path, discovery: Discovery, options: ScoreOptions) -> dict[P
     inputs = {entry.path.resolve(): "an image of the folder" for entry in discovery.entries}
     for entry in discovery.entries:
         inputs[entry.path.with_suffix(".txt").resolve()] = "a prompt file of the folder"
-        inputs[(entry.path.parent.parent / "metadata.jsonl").resolve()] = "a GenEval metadata file of the folder"
+        if discovery.layout == "geneval":
+            inputs[(entry.path.parent.parent / "metadata.jsonl").resolve()] = "a GenEval metadata file of the folder"
     for name in MAPPING_FILES:
         inputs[(folder / name).resolve()] = "the folder's mapping file"
     if options.questions is not None:
@@ -287,14 +288,17 @@ def _describe(path: Path) -> str:
 def check_ownership(out: Path, job: dict) -> str | None:
     """None when ``out`` may be resumed by ``job`` (it does not exist, is empty, or is this
     job's output); otherwise one line saying what is there."""
-    if not out.exists() or out.stat().st_size == 0:
-        return None
     record = job_path(out)
     try:
         theirs = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         theirs = None
-    if not isinstance(theirs, dict) or theirs.get("made_by") != job["made_by"]:
+    ours = isinstance(theirs, dict) and theirs.get("made_by") == job["made_by"]
+    if record.exists() and not ours:
+        return f"{record} exists and is not a job record of asgkit score (this job would write its record there)"
+    if not out.exists() or out.stat().st_size == 0:
+        return None
+    if not ours:
         return f"--out {out} exists and is not an output of asgkit score ({_describe(out)}; no {record.name} beside it)"
     differ = [key for key in sorted(set(job) | set(theirs)) if key not in NOT_COMPARED and job.get(key) != theirs.get(key)]
     if not differ:

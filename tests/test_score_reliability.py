@@ -99,7 +99,9 @@ def test_foreign_files_at_out_are_refused_untouched(tmp_path):
         (folder, folder / "g0_0.txt", "prompt file"),
         (folder, folder, "is a folder"),
         (folder, folder / "new.png", "image's extension"),
+        (folder, tmp_path / "res.jsonl", "res.job.json exists and is not a job record"),
     ]
+    (tmp_path / "res.job.json").write_text("my own notes\n")
     for source, out, expected in cases:
         before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
         text = one_line_error(score_cli(source, "--out", str(out), "--samples", "1"))
