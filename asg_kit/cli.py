@@ -129,7 +129,7 @@ def score(
         settings.max_pixels = max_pixels
     try:
         discovery = discover(folder)
-        identity = Judge(backbone, model, dtype)
+        identity = Judge(backbone, model, dtype, device)
         check_judge(identity, device)
         output = ScoreOutput(folder, out, discovery, settings, identity)
         with output:

@@ -68,6 +68,7 @@ class Judge:
     backbone: str
     model: str | None = None  # None: the backbone's own default
     dtype: str | None = None
+    device: str | None = None  # recorded, not compared: a run may resume on another device
 
 
 def read_done(out: Path) -> dict[str, dict]:
@@ -253,6 +254,7 @@ def job_record(folder: Path, options: ScoreOptions, judge: Judge) -> dict:
         "dtype": judge.dtype,
         "seed": options.seed,
         "max_pixels": options.max_pixels,
+        "device": judge.device,
     }
     if not options.difficulty:
         questions = Path(options.questions).read_bytes() if options.questions else None
@@ -265,7 +267,7 @@ def job_record(folder: Path, options: ScoreOptions, judge: Judge) -> dict:
     return job
 
 
-NOT_COMPARED = ("asgkit_version",)
+NOT_COMPARED = ("asgkit_version", "device")
 
 
 def _describe(path: Path) -> str:

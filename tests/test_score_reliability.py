@@ -312,3 +312,29 @@ def test_images_up_to_the_limit_are_downscaled(tmp_path):
     Image.new("RGB", (5000, 4000), "blue").save(tmp_path / "wide.png")
     loaded = load_image(tmp_path / "wide.png")
     assert loaded.image.width * loaded.image.height <= 4096 * 4096 and "downscaled from 5000x4000" in loaded.notes[0]
+
+
+def test_a_killed_process_resumes_to_the_uninterrupted_rows(judge, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = sidecar_folder(tmp_path / "imgs", {"a photo of a red circle": 4, "two blue squares": 4})
+    command = [sys.executable, "-m", "asg_kit.cli", "score", str(folder), "--samples", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_score(judge, folder, tmp_path / "whole.jsonl", ScoreOptions(samples=1), judge=MICRO)
+    out = tmp_path / "cut.jsonl"
+    process = subprocess.Popen([*command, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while process.poll() is None and time.time() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= 2:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert process.wait() == -signal.SIGKILL
+    assert 2 <= out.read_bytes().count(b"\n") < 8  # killed mid-run, rows kept
+    resumed = subprocess.run([*command, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert rows(out) == rows(tmp_path / "whole.jsonl")
