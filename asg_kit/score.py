@@ -305,6 +305,8 @@ def check_ownership(out: Path, job: dict) -> str | None:
     differ = [key for key in sorted(set(job) | set(theirs)) if key not in NOT_COMPARED and job.get(key) != theirs.get(key)]
     if not differ:
         return None
+    if "mode" in differ:  # the other settings of another mode say nothing more
+        differ = ["mode"]
     shown = "; ".join(f"{key}: {_short(theirs.get(key))} there, {_short(job.get(key))} now" for key in differ)
     return f"--out {out} holds the rows of another asgkit score job ({shown})"
 
