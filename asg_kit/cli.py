@@ -135,7 +135,10 @@ def score(
         with output:
             options = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v}
             _quiet_transformers()
-            judge = load_backbone(backbone, model=model, **options)
+            try:
+                judge = load_backbone(backbone, model=model, **options)
+            except OSError as error:  # a model folder that is there but cannot be loaded
+                raise ScoreSetupError(" ".join(str(error).split())) from None
             with _progress() as progress:
                 task = progress.add_task(f"scoring {len(discovery.entries)} images ({discovery.layout} layout)", total=len(discovery.entries))
                 summary = run_score(judge, folder, out, settings, progress=lambda n, total: progress.advance(task, n), discovery=discovery, output=output)

@@ -165,8 +165,10 @@ def check_options(options: ScoreOptions) -> dict[str, GenerationSpec]:
         raise ScoreSetupError(f"--max-prompt-chars must be at least 1, not {options.max_prompt_chars}")
     if options.max_pixels < 4:
         raise ScoreSetupError(f"--max-pixels must be at least 4, not {options.max_pixels}")
-    if options.questions is None or options.difficulty:
+    if options.questions is None:
         return {}
+    if options.difficulty:
+        raise ScoreSetupError("--questions checks generations; --difficulty asks its own questions, so pass one of them")
     if not Path(options.questions).is_file():
         raise ScoreSetupError(f"--questions {options.questions} is not a file")
     try:
@@ -318,8 +320,9 @@ def _short(value) -> str:
 
 class ScoreOutput:
     """An output claimed by one job. Constructing it checks the options, the location and
-    the ownership (nothing is written); entering it takes the lock, checks again, replaces
-    the output when ``options.fresh`` (or when it is empty) and records the job."""
+    the ownership (nothing is written); entering it takes the lock and checks again;
+    ``begin`` (when the work starts, e.g. once the model has loaded) replaces the output when
+    ``options.fresh`` (or when it is empty) and records the job."""
 
     def __init__(self, folder: str | Path, out: str | Path, discovery: Discovery, options: ScoreOptions, judge: Judge) -> None:
         self.folder, self.out, self.discovery, self.options = Path(folder), Path(out), discovery, options
@@ -349,15 +352,19 @@ class ScoreOutput:
         self._lock = handle
         try:
             self._refuse_foreign()
-            if self.options.fresh or (self.out.exists() and self.out.stat().st_size == 0):
-                # Rows first, then the record: a crash in between leaves an empty output, which any job may take.
-                write_jsonl_atomic(self.out, [])
-                summary_path(self.out).unlink(missing_ok=True)
-            write_json_atomic(job_path(self.out), {**self.job, "asgkit_version": asg_kit.__version__})
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def begin(self) -> None:
+        if self._lock is None:
+            raise RuntimeError("enter the ScoreOutput (with ...) before writing to it")
+        if self.options.fresh or (self.out.exists() and self.out.stat().st_size == 0):
+            # Rows first, then the record: a crash in between leaves an empty output, which any job may take.
+            write_jsonl_atomic(self.out, [])
+            summary_path(self.out).unlink(missing_ok=True)
+        write_json_atomic(job_path(self.out), {**self.job, "asgkit_version": asg_kit.__version__})
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None:
@@ -445,6 +452,7 @@ def run_score(
 
 
 def _score_into(backbone: UnifiedBackbone, output: ScoreOutput, options: ScoreOptions, progress: Callable[[int, int], None]) -> dict:
+    output.begin()
     out, discovery = output.out, output.discovery
     rows_in_file = sum(1 for line in out.read_bytes().splitlines() if line.strip()) if out.exists() else 0
     done = read_done(out)

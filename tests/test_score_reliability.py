@@ -277,6 +277,7 @@ def test_bad_options_are_one_line_before_any_work(tmp_path):
         (["--questions", str(tmp_path / "none.jsonl")], "not a file"),
         (["--out", str(a_file / "s.jsonl")], "is a file"),
         (["--max-pixels", "0"], "--max-pixels"),
+        (["--difficulty", "--questions", str(bad_questions)], "pass one of them"),
     ]
     before = sorted(p.name for p in tmp_path.rglob("*"))
     for extra, expected in cases:
@@ -338,3 +339,13 @@ def test_a_killed_process_resumes_to_the_uninterrupted_rows(judge, tmp_path):
     resumed = subprocess.run([*command, "--out", str(out)], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert rows(out) == rows(tmp_path / "whole.jsonl")
+
+
+def test_a_model_folder_that_cannot_load_is_one_line_and_writes_nothing(tmp_path):
+    folder = sidecar_folder(tmp_path / "imgs", {"a red circle": 1})
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    out = tmp_path / "s.jsonl"
+    assert "could not load" in one_line_error(score_cli(folder, "--model", str(broken), "--out", str(out)))
+    assert not out.exists() and not job_path(out).exists()
