@@ -113,30 +113,38 @@ def score(
     difficulty: bool = typer.Option(False, "--difficulty", help="Rank unlabeled images by difficulty instead (Proposer questions, STE, self-consistency, bucket); needs no prompts."),
     device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda."),
     dtype: Optional[str] = typer.Option(None, help="Weights dtype, e.g. bfloat16."),
+    fresh: bool = typer.Option(False, "--fresh", help="Replace what is at --out (another job's rows, or any file that is not an input) instead of resuming."),
+    max_prompt_chars: int = typer.Option(2000, help="Longer prompts and questions get a row with the reason instead of a model call."),
+    max_pixels: Optional[int] = typer.Option(None, help="Larger images get a row with the reason (default: Pillow's decompression-bomb limit, about 89 megapixels); large images below it are downscaled."),
 ) -> None:
-    """Judge generated images with the model's own Solver: per-question answers and matches, contradictions, a cycle caption, diversity, and the combined reward R_G. Re-running resumes: finished images are skipped."""
+    """Judge generated images with the model's own Solver: per-question answers and matches, contradictions, a cycle caption, diversity, and the combined reward R_G. Re-running the same job resumes: finished images are skipped, errors retried."""
     from asg_kit.adapters.registry import load_backbone
     from asg_kit.folders import FolderError, discover
     from asg_kit.jsonl import JsonlError
-    from asg_kit.score import ScoreOptions, default_output, run_score, summary_path
+    from asg_kit.score import Judge, ScoreOptions, ScoreOutput, ScoreSetupError, check_judge, default_output, run_score, summary_path
 
+    out = out or default_output(folder, difficulty)
+    settings = ScoreOptions(samples=samples, seed=seed, questions=questions, difficulty=difficulty, fresh=fresh, max_prompt_chars=max_prompt_chars)
+    if max_pixels is not None:
+        settings.max_pixels = max_pixels
     try:
         discovery = discover(folder)
-    except FolderError as error:
+        identity = Judge(backbone, model, dtype, device)
+        check_judge(identity, device)
+        output = ScoreOutput(folder, out, discovery, settings, identity)
+        with output:
+            options = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v}
+            _quiet_transformers()
+            try:
+                judge = load_backbone(backbone, model=model, **options)
+            except OSError as error:  # a model folder that is there but cannot be loaded
+                raise ScoreSetupError(" ".join(str(error).split())) from None
+            with _progress() as progress:
+                task = progress.add_task(f"scoring {len(discovery.entries)} images ({discovery.layout} layout)", total=len(discovery.entries))
+                summary = run_score(judge, folder, out, settings, progress=lambda n, total: progress.advance(task, n), discovery=discovery, output=output)
+    except (FolderError, ScoreSetupError, JsonlError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
-    out = out or default_output(folder, difficulty)
-    options = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v}
-    _quiet_transformers()
-    judge = load_backbone(backbone, model=model, **options)
-    with _progress() as progress:
-        task = progress.add_task(f"scoring {len(discovery.entries)} images ({discovery.layout} layout)", total=len(discovery.entries))
-        try:
-            summary = run_score(judge, folder, out, ScoreOptions(samples=samples, seed=seed, questions=questions, difficulty=difficulty),
-                                progress=lambda n, total: progress.advance(task, n), discovery=discovery)  # fmt: skip
-        except JsonlError as error:
-            errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
-            raise typer.Exit(2)
     _print_summary(summary, difficulty)
     console.print(f"rows: {out}\nsummary: {summary_path(out)}")
     if summary["scored"] == 0:
