@@ -116,6 +116,7 @@ def score(
     fresh: bool = typer.Option(False, "--fresh", help="Replace what is at --out (another job's rows, or any file that is not an input) instead of resuming."),
     max_prompt_chars: int = typer.Option(2000, help="Longer prompts and questions get a row with the reason instead of a model call."),
     max_pixels: Optional[int] = typer.Option(None, help="Larger images get a row with the reason (default: Pillow's decompression-bomb limit, about 89 megapixels); large images below it are downscaled."),
+    report: bool = typer.Option(False, "--report", help="Also write OUT with .html: one self-contained page to look at the images beside their scores (see `asgkit report`)."),
 ) -> None:
     """Judge generated images with the model's own Solver: per-question answers and matches, contradictions, a cycle caption, diversity, and the combined reward R_G. Re-running the same job resumes: finished images are skipped, errors retried."""
     from asg_kit.adapters.registry import load_backbone
@@ -147,6 +148,10 @@ def score(
         raise typer.Exit(2)
     _print_summary(summary, difficulty)
     console.print(f"rows: {out}\nsummary: {summary_path(out)}")
+    if report:
+        from asg_kit.report import write_score_report
+
+        console.print(f"report: {write_score_report(out, folder)}")
     if summary["scored"] == 0:
         errors.print("[red]error:[/red] no image could be scored; the reasons are listed above and in the summary", highlight=False)
         raise typer.Exit(1)
@@ -484,7 +489,7 @@ def bench_save_data(
 @app.command("report")
 def report(
     rows: Path = typer.Argument(..., help="A score output (JSONL) written by `asgkit score` or `asgkit score --difficulty`."),
-    folder: Optional[Path] = typer.Option(None, help="The scored image folder (default: the output's own folder, where `asgkit score` writes by default)."),
+    folder: Optional[Path] = typer.Option(None, help="The scored image folder (default: the one the output's job record names)."),
     out: Optional[Path] = typer.Option(None, help="The HTML file to write (default: ROWS with .html)."),
 ) -> None:
     """Write one self-contained HTML page of a score output: thumbnails, prompts, questions, Solver answers, captions, R_G and its parts, sortable by any column; opens from disk in a browser, no server, no network."""
@@ -495,7 +500,7 @@ def report(
         errors.print(f"[red]error:[/red] {escape(str(rows))} is not a file; pass the JSONL written by `asgkit score`", highlight=False)
         raise typer.Exit(2)
     try:
-        written = write_score_report(rows, folder or rows.parent, out)
+        written = write_score_report(rows, folder, out)
     except (JsonlError, OSError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
