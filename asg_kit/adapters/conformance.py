@@ -272,28 +272,42 @@ class _Checker:
 
     def _peft_loading(self, folder: Path, saved: dict) -> CheckResult:
         """Each role folder loads with ``peft.PeftModel.from_pretrained`` onto a weightless
-        (meta-device) copy of the base model with exactly that role's LoRA weights, and its
-        saved tensors equal the role's weights. The weightless copy keeps this cheap for a
-        7B model; peft leaves the loaded LoRA tensors on the base's (meta) device, so their
-        values are compared from the files that ``from_pretrained`` read."""
+        (meta-device) copy of the base model, with exactly that role's LoRA weights, and its
+        tensors equal the role's. The weightless copy keeps this cheap for a 7B model; peft
+        leaves the loaded LoRA tensors on the base's (meta) device, so their values are read
+        from the files ``from_pretrained`` read. A base that cannot be built from its config
+        alone (upstream models with sub-models) is checked with ``PeftModel.load_adapter``,
+        the same loader, into the live model under a scratch name that is deleted after."""
         from peft import PeftModel
         from peft.utils import load_peft_weights
 
         peft_models = [m for m in _modules(self.b) if isinstance(m, PeftModel)]
         if not peft_models:
             return CheckResult("peft_loading", False, None, None, "no peft.PeftModel among the backbone's modules")
-        base = peft_models[0].get_base_model()
-        config = getattr(base, "config", None)
-        if config is None:
-            return CheckResult("peft_loading", False, None, None, f"{type(base).__name__} has no config to build a weightless copy from")
-        named = dict(peft_models[0].named_parameters())
+        live = peft_models[0]
+        base = live.get_base_model()
+        try:
+            with torch.device("meta"):
+                type(base)(base.config)
+            weightless = True
+        except Exception:
+            weightless = False
+        named = dict(live.named_parameters())
         worst, mismatched = 0.0, []
         for role in self.roles:
-            with torch.device("meta"):
-                skeleton = type(base)(config)
-            loaded = PeftModel.from_pretrained(skeleton, str(folder / role), adapter_name=role, low_cpu_mem_usage=True)
             expected = {name: p for name, p in named.items() if "lora_" in name and f".{role}." in name}
-            if {name for name, _ in loaded.named_parameters() if "lora_" in name} != set(expected):
+            if weightless:
+                with torch.device("meta"):
+                    skeleton = type(base)(base.config)
+                loaded = PeftModel.from_pretrained(skeleton, str(folder / role), adapter_name=role, low_cpu_mem_usage=True)
+                names = {name for name, _ in loaded.named_parameters() if "lora_" in name}
+                del loaded, skeleton
+            else:
+                scratch = f"conformance_{role}"
+                live.load_adapter(str(folder / role), adapter_name=scratch)
+                names = {name.replace(f".{scratch}.", f".{role}.") for name, _ in live.named_parameters() if f".{scratch}." in name}
+                live.delete_adapter(scratch)
+            if names != set(expected):
                 mismatched.append(role)
                 continue
             files = load_peft_weights(str(folder / role), device="cpu")
@@ -303,8 +317,8 @@ class _Checker:
                     mismatched.append(role)
                     break
                 worst = max(worst, _max_gap(files[key], p))
-            del loaded, skeleton
-        detail = f"roles whose folder holds other weights: {', '.join(mismatched)}" if mismatched else f"{len(self.roles)} role folders, weights equal"
+        how = "from_pretrained on a weightless base" if weightless else "load_adapter into the live model"
+        detail = f"roles whose folder holds other weights: {', '.join(mismatched)}" if mismatched else f"{len(self.roles)} role folders ({how}), weights equal"
         return CheckResult("peft_loading", not mismatched and worst == 0.0, worst, 0.0, detail)
 
     def check_embeddings(self):
