@@ -270,38 +270,52 @@ def micro_pool(
     seed: int = typer.Option(0, help="Pool seed: the same seed writes the same images."),
     image_size: int = typer.Option(64, help="Side of each image in pixels."),
 ) -> None:
-    """Write COUNT fresh shapes-world renders to FOLDER as PNG files, with no labels anywhere: the unlabeled pool that `asgkit train` learns from."""
+    """Write COUNT fresh shapes-world renders to FOLDER as PNG files, with no labels anywhere: the unlabeled pool that `asgkit train` learns from. Files already there are never replaced: images this command would write anyway are kept (so a larger COUNT grows a pool), anything else is refused."""
+    from asg_kit.checks import UserError
     from asg_kit.micro.pool import write_pool
 
-    with _progress() as progress:
-        task = progress.add_task("rendering", total=count)
-        write_pool(count, folder, seed=seed, image_size=image_size, progress=lambda n: progress.advance(task, n))
-    console.print(f"wrote {count} unlabeled images to {folder}")
+    try:
+        with _progress() as progress:
+            task = progress.add_task("rendering", total=count)
+            write_pool(count, folder, seed=seed, image_size=image_size, progress=lambda n: progress.advance(task, n))
+    except UserError as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
+    console.print(f"{count} unlabeled images in {folder}")
 
 
 @micro_app.command("train")
 def micro_train(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run folder: checkpoints, metrics.jsonl and, at the end, model/."),
     seed: int = typer.Option(0, help="Seed of the weights and of every batch."),
     vq_steps: Optional[int] = typer.Option(None, help="Steps of the VQ tokenizer stage (default: 3000, MicroTrainConfig)."),
     lm_steps: Optional[int] = typer.Option(None, help="Steps of the language/vision/generation stage (default: 6000)."),
 ) -> None:
-    """Train the micro model from scratch on the shapes world (about 35 minutes on 2 CPU cores with the defaults). Re-running the same command resumes from the last checkpoint."""
-    from asg_kit.micro.train import MicroTrainConfig, train
+    """Train the micro model from scratch on the shapes world (about 35 minutes on 2 CPU cores with the defaults). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
+    from asg_kit.checks import UserError
+    from asg_kit.jsonl import JsonlError
+    from asg_kit.micro.train import micro_config_for, train
 
-    steps = {k: v for k, v in {"vq_steps": vq_steps, "lm_steps": lm_steps}.items() if v is not None}
-    config = MicroTrainConfig(seed=seed, **steps)
-    with _progress() as progress:
-        bars = {"vq": progress.add_task("VQ tokenizer", total=config.vq_steps), "lm": progress.add_task("language + vision + generation", total=config.lm_steps)}
+    given = {k: v for k, v in {"vq_steps": vq_steps, "lm_steps": lm_steps}.items() if v is not None}
+    if ctx.get_parameter_source("seed").name != "DEFAULT":
+        given["seed"] = seed
+    try:
+        config = micro_config_for(run, **given)
+        with _progress() as progress:
+            bars = {"vq": progress.add_task("VQ tokenizer", total=config.vq_steps), "lm": progress.add_task("language + vision + generation", total=config.lm_steps)}
 
-        def log(row: dict) -> None:
-            progress.update(bars[row["stage"]], completed=row["step"] + 1)
-            if row["stage"] == "lm":
-                progress.update(bars["lm"], description=f"lm  text {row['text_loss']:.3f}  image {row['image_loss']:.3f}")
-            else:
-                progress.update(bars["vq"], description=f"vq  reconstruction {row['reconstruction']:.4f}")
+            def log(row: dict) -> None:
+                progress.update(bars[row["stage"]], completed=row["step"] + 1)
+                if row["stage"] == "lm":
+                    progress.update(bars["lm"], description=f"lm  text {row['text_loss']:.3f}  image {row['image_loss']:.3f}")
+                else:
+                    progress.update(bars["vq"], description=f"vq  reconstruction {row['reconstruction']:.4f}")
 
-        export = train(config, run, log=log)
+            export = train(config, run, log=log, notice=lambda line: errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False))
+    except (UserError, JsonlError) as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
     console.print(f"model written to {export}")
 
 
