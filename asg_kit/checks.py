@@ -87,9 +87,9 @@ def check_positive(flag: str, value: float, integer: bool = False) -> None:
         raise UserError(f"{flag} {value}: must be a {'whole ' if integer else ''}number above 0")
 
 
-def check_output_folder(flag: str, folder: str | Path, inputs: tuple[str | Path | None, ...] = ()) -> None:
-    """``folder`` can be created or written to, is not a file, and neither is nor holds an
-    input folder, nor lies inside one."""
+def check_output_folder(flag: str, folder: str | Path, inputs: tuple[str | Path | None, ...] = (), nested: bool = False) -> None:
+    """``folder`` can be created or written to, is not a file, and is not an input folder
+    (nor, unless ``nested``, lies inside one or holds one)."""
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder}: is a file, not a folder")
@@ -98,7 +98,11 @@ def check_output_folder(flag: str, folder: str | Path, inputs: tuple[str | Path 
         if source is None:
             continue
         source = Path(source).expanduser().resolve()
-        if resolved == source or source in resolved.parents:
+        if resolved == source:
+            raise UserError(f"{flag} {folder}: is the input folder {source}; write outputs elsewhere")
+        if nested:
+            continue
+        if source in resolved.parents:
             raise UserError(f"{flag} {folder}: is inside the input folder {source}; write outputs elsewhere")
         if resolved in source.parents:
             raise UserError(f"{flag} {folder}: holds the input folder {source}; write outputs elsewhere")

@@ -53,10 +53,14 @@ def rewards(
     from asg_kit.jsonl import JsonlError, write_json_atomic
     from asg_kit.votefile import example_votes_path, load_vote_records, score_vote_records
 
+    from asg_kit.checks import UserError, check_output_file
+
     path = votes or example_votes_path()
     try:
+        if json_out is not None:
+            check_output_file("--json", json_out)
         records = load_vote_records(path)
-    except (OSError, JsonlError) as error:
+    except (OSError, JsonlError, UserError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
     scores = score_vote_records(records)
@@ -274,13 +278,21 @@ def micro_pool(
     from asg_kit.checks import UserError
     from asg_kit.micro.pool import write_pool
 
+    progress = _progress()  # shown from the first image: a refused pool prints its error line only
+    task = progress.add_task("rendering", total=count)
+
+    def advance(n: int) -> None:
+        progress.start()
+        progress.advance(task, n)
+
     try:
-        with _progress() as progress:
-            task = progress.add_task("rendering", total=count)
-            write_pool(count, folder, seed=seed, image_size=image_size, progress=lambda n: progress.advance(task, n))
+        write_pool(count, folder, seed=seed, image_size=image_size, progress=advance)
     except UserError as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     console.print(f"{count} unlabeled images in {folder}")
 
 

@@ -81,6 +81,9 @@ def expand_tasks(names: tuple[str, ...] | list[str], backbone: str) -> list[str]
 
 def check_config(config: BenchConfig, tasks: list[str]) -> None:
     """Every problem with the options that can be seen before loading a model."""
+    from asg_kit.checks import UserError, check_backbone_name, check_device, check_dtype, check_model, check_output_folder, check_seed
+
+    check_backbone_name(config.backbone)
     problems = []
     if config.geneval_mode not in GENEVAL_MODES:
         problems.append(f"--geneval-mode must be one of {', '.join(GENEVAL_MODES)}, not {config.geneval_mode!r}")
@@ -96,6 +99,13 @@ def check_config(config: BenchConfig, tasks: list[str]) -> None:
         problems.append(judge)
     if problems:
         raise ValueError("\n".join(problems))
+    check_model(config.backbone, config.model)
+    check_device(config.device)
+    check_dtype(config.dtype)
+    check_seed(config.seed)
+    if config.roles is not None and not Path(config.roles).is_dir():
+        raise UserError(f"--roles {config.roles}: no such folder (pass a training run's folder or a folder of saved roles)")
+    check_output_folder("--out", config.out, inputs=(config.roles, config.data_dir), nested=True)
 
 
 def _common_settings(config: BenchConfig) -> dict:
