@@ -314,20 +314,28 @@ def micro_train(
         given["seed"] = seed
     try:
         config = micro_config_for(run, **given)
-        with _progress() as progress:
-            bars = {"vq": progress.add_task("VQ tokenizer", total=config.vq_steps), "lm": progress.add_task("language + vision + generation", total=config.lm_steps)}
+    except UserError as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
+    progress = _progress()  # shown from the first step: a refused run prints its error line only
+    bars = {"vq": progress.add_task("VQ tokenizer", total=config.vq_steps), "lm": progress.add_task("language + vision + generation", total=config.lm_steps)}
 
-            def log(row: dict) -> None:
-                progress.update(bars[row["stage"]], completed=row["step"] + 1)
-                if row["stage"] == "lm":
-                    progress.update(bars["lm"], description=f"lm  text {row['text_loss']:.3f}  image {row['image_loss']:.3f}")
-                else:
-                    progress.update(bars["vq"], description=f"vq  reconstruction {row['reconstruction']:.4f}")
+    def log(row: dict) -> None:
+        progress.start()
+        progress.update(bars[row["stage"]], completed=row["step"] + 1)
+        if row["stage"] == "lm":
+            progress.update(bars["lm"], description=f"lm  text {row['text_loss']:.3f}  image {row['image_loss']:.3f}")
+        else:
+            progress.update(bars["vq"], description=f"vq  reconstruction {row['reconstruction']:.4f}")
 
-            export = train(config, run, log=log, notice=lambda line: errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False))
+    try:
+        export = train(config, run, log=log, notice=lambda line: errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False))
     except (UserError, JsonlError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     console.print(f"model written to {export}")
 
 
