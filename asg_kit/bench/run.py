@@ -328,8 +328,12 @@ def score_geneval_folder(images: str | Path, config: BenchConfig, progress_bar: 
     gives them, written to ``OUT/results.json`` and ``OUT/results.jsonl``."""
     from asg_kit.jsonl import write_json_atomic
 
+    from asg_kit.checks import check_device, check_output_folder
+
     if config.reference is not None and config.reference not in published.REFERENCES:
         raise ValueError(f"unknown reference {config.reference!r}; known: {', '.join(published.REFERENCES)}")
+    check_device(config.device)
+    check_output_folder("--out", config.out)
     out = Path(config.out)
     entry, _ = score_geneval(Path(images), config, out / "results.jsonl", config.device or default_device() or "cpu", progress_bar, log)
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "config": asdict(config), "environment": environment(),
