@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -118,7 +119,7 @@ def test_a_second_process_on_one_run_folder_is_refused(pool, tmp_path):
                 print("held", flush=True)
                 sys.stdin.readline()
         """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -353,3 +354,17 @@ def test_rewards_checks_its_output_before_work(tmp_path):
     assert "is a folder" in line
     (tmp_path / "f").write_text("x")
     assert "is a file" in one_error_line(CliRunner().invoke(app, ["rewards", "--json", str(tmp_path / "f" / "out.json")]))
+
+
+@pytest.mark.janus
+def test_a_damaged_checkpoint_is_one_line_on_resume(pool, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(pool, run, steps=4), stop_after=2)
+    optimizer = run / "checkpoint" / "optimizer_solver.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    line = one_error_line(CliRunner().invoke(app, ["train", "--resume", str(run)]))
+    assert "optimizer_solver.pt: cannot be read" in line
+    roles = run / "checkpoint" / "roles" / "generator" / "adapter_model.safetensors"
+    roles.write_bytes(roles.read_bytes()[:50])
+    line = one_error_line(CliRunner().invoke(app, ["train", "--resume", str(run)]))
+    assert "generator/adapter_model.safetensors: not a readable safetensors file" in line

@@ -275,7 +275,13 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
         state = json.loads((out / "checkpoint" / "state.json").read_text())
         backbone.load_roles(out / "checkpoint" / "roles")
         for role, optimizer in optimizers.items():
-            optimizer.load_state_dict(torch.load(out / "checkpoint" / f"optimizer_{role}.pt", weights_only=True))
+            path = out / "checkpoint" / f"optimizer_{role}.pt"
+            try:
+                optimizer.load_state_dict(torch.load(path, weights_only=True))
+            except (OSError, RuntimeError, ValueError, KeyError) as error:
+                raise UserError(f"{path}: cannot be read ({str(error).splitlines()[0]}); the checkpoint is damaged: start a new run with another --out") from None
+        if len(state["ranks"]) != world_size:
+            raise UserError(f"{out}/checkpoint was written by {len(state['ranks'])} process(es), not {world_size}: resume it with as many (torchrun --nproc_per_node {len(state['ranks'])})")
         mine = state["ranks"][str(rank)]
         percentile.load_state_dict(mine["percentile"])
         easy.load_state_dict(mine["easy"])
