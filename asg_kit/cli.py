@@ -222,7 +222,7 @@ def train(
                 raise UserError("--overwrite starts over and --resume continues: pass one of them")
             given = {p.name for p in ctx.command.params if ctx.get_parameter_source(p.name).name != "DEFAULT"}
             cli_to_config = {"guidance": ("guidance_scale",), "proposer_max_new_tokens": ("proposer_max_new_tokens", "spec_max_new_tokens")}
-            asked = {field: settings[field] for name in given - {"resume", "out", "overwrite"} for field in cli_to_config.get(name, (name,))}
+            asked = {field: settings[field] for name in given - {"resume", "out", "overwrite"} for field in cli_to_config.get(name, (name,)) if field in settings}
             if "images" in asked:
                 asked["images"] = str(Path(asked["images"]).resolve())
             if "model" in asked and Path(asked["model"]).exists():

@@ -318,7 +318,7 @@ def test_corrupt_role_adapters_are_an_error(tmp_path):
     [
         (["--backbone", "nope", "--tasks", "shapes_vqa"], "unknown backbone 'nope'"),
         (["--backbone", "nope"], "unknown backbone 'nope'"),  # before the default task list needs --geneval
-        (["--device", "cuda:7"], "--device cuda:7"),
+        (["--device", "cuda:99"], "--device cuda:99"),
         (["--device", "toaster"], "is not a torch device"),
         (["--dtype", "float13"], "--dtype 'float13'"),
         (["--seed", "-1"], "--seed -1"),
