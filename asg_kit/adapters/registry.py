@@ -11,6 +11,7 @@ from asg_kit.adapters.base import UnifiedBackbone
 BACKBONES: dict[str, tuple[str, str, str]] = {
     "janus": ("asg_kit.adapters.janus", "JanusAdapter", "pip install -U 'transformers>=4.52'"),
     "micro": ("asg_kit.adapters.micro", "MicroAdapter", "pip install -U 'transformers>=4.52'"),
+    "blip3o": ("asg_kit.adapters.blip3o", "Blip3oAdapter", "pip install 'asg-kit[blip3o]'"),
 }
 
 
