@@ -48,6 +48,7 @@ from asg_kit.adapters.base import (
     GeneratedImages,
     ImageRollout,
     LoraSettings,
+    NonFiniteLogits,
     TextSample,
     TokenScores,
 )
@@ -119,13 +120,33 @@ def _image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-class Blip3oNetwork(torch.nn.Module):
-    """The trainable whole: Qwen2.5-VL, the DiT, the latent queries and the generator's offset to them."""
+class Blip3oNetworkConfig:
+    """What builds a :class:`Blip3oNetwork`: the Qwen2.5-VL config, the DiT class and its
+    config, the number of latent queries. ``to_dict`` is for peft's model bookkeeping. (No
+    ``model_type`` attribute: peft would take the network for one transformers model and
+    apply that library's checkpoint renamings to it.)"""
 
-    def __init__(self, qwen, dit, latent_queries: torch.Tensor) -> None:
+    def __init__(self, qwen, dit_class: type, dit, n_query: int) -> None:
+        self.qwen, self.dit_class, self.dit, self.n_query = qwen, dit_class, dit, n_query
+
+    def to_dict(self) -> dict:
+        return {"model_type": "blip3o", "n_query": self.n_query, "qwen": self.qwen.to_dict(), "dit": self.dit.to_dict()}
+
+
+class Blip3oNetwork(torch.nn.Module):
+    """The trainable whole: Qwen2.5-VL, the DiT, the latent queries and the generator's
+    offset to them. Built empty from its config (e.g. on the meta device), or around
+    loaded parts."""
+
+    def __init__(self, config: Blip3oNetworkConfig, qwen=None, dit=None, latent_queries: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.qwen = qwen
-        self.dit = dit
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        self.config = config
+        self.qwen = qwen if qwen is not None else Qwen2_5_VLForConditionalGeneration(config.qwen)
+        self.dit = dit if dit is not None else config.dit_class(config.dit)
+        if latent_queries is None:
+            latent_queries = torch.zeros(1, config.n_query, config.qwen.text_config.hidden_size)
         self.latent_queries = torch.nn.Parameter(latent_queries, requires_grad=False)
         self.query_offset = torch.nn.Parameter(torch.zeros_like(latent_queries))
 
@@ -243,7 +264,8 @@ class Blip3oAdapter:
         missing, unexpected = dit.load_state_dict(dit_weights, strict=False)
         if missing or unexpected:
             raise ValueError(f"{folder}: the DiT weights do not fit NextDiTCrossAttn (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        network = Blip3oNetwork(qwen, dit.to(dtype), queries.to(dtype))
+        network_config = Blip3oNetworkConfig(qwen_config, modules.NextDiTCrossAttn, dit.config, queries.shape[1])
+        network = Blip3oNetwork(network_config, qwen, dit.to(dtype), queries.to(dtype))
         if device is not None:
             network.to(device)
         image_processor = _qwen_image_processor(folder)
@@ -352,17 +374,25 @@ class Blip3oAdapter:
         return self.model.qwen.model.language_model
 
     def _plain(self, text: str) -> str:
-        # Text from users or from the model itself must not smuggle in image slots or turns.
-        for marker in MARKERS:
+        # Text from users or from the model itself must not smuggle in image slots, a turn of
+        # its own or an end of sequence.
+        if not hasattr(self, "_controls"):
+            named = (self.tokenizer.eos_token, self.tokenizer.pad_token, self.tokenizer.bos_token, "<|endoftext|>")
+            self._controls = sorted({m for m in (*MARKERS, *named) if m}, key=len, reverse=True)
+        for marker in self._controls:
             text = text.replace(marker, " ")
         return text
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_ids(self, text: str, image_tokens: int = 0) -> list[int]:
-        """A user turn in Qwen2.5-VL's chat format, its image slot expanded to ``image_tokens`` pads."""
-        ids = self._ids(SYSTEM + USER_TURN.format(image=IMAGE_SLOT if image_tokens else "", text=self._plain(text)))
+    def prompt_ids(self, text: str, with_image: bool) -> list[int]:
+        """A user turn in Qwen2.5-VL's chat format (its image slot one pad token, before the
+        image's grid expands it)."""
+        return self._ids(SYSTEM + USER_TURN.format(image=IMAGE_SLOT if with_image else "", text=self._plain(text)))
+
+    def _expanded_prompt_ids(self, text: str, image_tokens: int) -> list[int]:
+        ids = self.prompt_ids(text, image_tokens > 0)
         if not image_tokens:
             return ids
         slot = ids.index(self.image_token_id)
@@ -385,9 +415,9 @@ class Blip3oAdapter:
 
     def _request_row(self, text: str, encoded: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
         if encoded is None:
-            return self.prompt_ids(text), None, None
+            return self._expanded_prompt_ids(text, 0), None, None
         feature, grid = encoded
-        return self.prompt_ids(text, feature.shape[0]), feature, grid
+        return self._expanded_prompt_ids(text, feature.shape[0]), feature, grid
 
     def _positions(self, ids: Sequence[int], grid: torch.Tensor | None) -> torch.Tensor:
         """(3, length) multimodal rotary positions of one row: text advances all three axes
@@ -674,6 +704,8 @@ class Blip3oAdapter:
         condition = self._conditions(rows).repeat_interleave(n, dim=0)
         seeds = [seed + i for i in range(len(prompts) * n)]
         latents = self._flow(condition, seeds, guidance_scale, self.settings.flow_steps)
+        if not torch.isfinite(latents).all():
+            raise NonFiniteLogits("NaN or inf in the DiT flow")
         features = latents.flatten(2).transpose(1, 2)  # (rows, tokens, width): upstream's view + permute
         images = self._render(features, seeds)
         rollout = ImageRollout(
@@ -764,20 +796,37 @@ class Blip3oAdapter:
 
     def source_flow_loss(self, images: Sequence[Image.Image], prompts: Sequence[str], seed: int = 0) -> torch.Tensor:
         """(batch,) flow-matching MSE of the DiT on each source image's EVA-CLIP features given
-        its prompt, as upstream's training forward: ``x_t = (1 - s) x0 + s e``, target ``e - x0``,
-        timestep drawn uniformly from the 1000 training steps, condition dropped with
-        probability 0.1. Differentiable into the generator's LoRA (DiT and text) and its
-        query offset under the generator role; every draw comes from ``seed``."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
+        its prompt, as upstream's training forward (condition dropout 0.1). Differentiable
+        into the generator's LoRA (DiT and text) and its query offset under the generator
+        role; every draw comes from ``seed``. The "diffusion" Generator update weights it
+        with :func:`asg_kit.train.losses.reward_weighted_regression`."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        target = self.source_features(images)
-        condition = self._conditions([self.generation_prompt_ids(p) for p in prompts])
+        rows = [self.generation_prompt_ids(p) for p in prompts]
+        return self._flow_matching_mse(self.source_features(images), rows, seed, self.settings.condition_dropout)
+
+    def generator_loss(self, rollout: ImageRollout) -> torch.Tensor:
+        """The Generator objective's gradient path with unit weights (``ConformanceHooks``):
+        the mean flow-matching MSE on the rollout's own generated features, no condition
+        dropout (so that every row reaches the text LoRA and the queries)."""
+        if rollout.latents is None:
+            raise ValueError("this rollout holds no generated features (latents)")
+        side = self.model.dit.config.input_size
+        target = rollout.latents.to(self.device, self.dtype).transpose(1, 2).reshape(rollout.latents.shape[0], -1, side, side)
+        seed = rollout.seeds[0] if rollout.seeds else 0
+        return self._flow_matching_mse(target, rollout.prompt_ids, seed, 0.0).mean()
+
+    def _flow_matching_mse(self, target: torch.Tensor, rows: Sequence[Sequence[int]], seed: int, dropout: float) -> torch.Tensor:
+        """upstream's training objective per row: ``x_t = (1 - s) x0 + s e``, target velocity
+        ``e - x0``, the timestep drawn uniformly from the 1000 training steps of the flow
+        schedule, the condition zeroed with probability ``dropout``."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        condition = self._conditions(rows)
         schedule = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         draws = torch.Generator().manual_seed(seed)
-        indices = (torch.rand(len(images), generator=draws) * schedule.config.num_train_timesteps).long()
-        keep = (torch.rand(len(images), generator=draws) >= self.settings.condition_dropout).to(self.device, condition.dtype)
+        indices = (torch.rand(len(rows), generator=draws) * schedule.config.num_train_timesteps).long()
+        keep = (torch.rand(len(rows), generator=draws) >= dropout).to(self.device, condition.dtype)
         noise = torch.randn(target.shape, generator=draws).to(self.device, target.dtype)
         timesteps = schedule.timesteps[indices].to(self.device)
         sigma = schedule.sigmas[indices].to(self.device, target.dtype).view(-1, 1, 1, 1)

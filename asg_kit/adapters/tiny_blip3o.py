@@ -173,3 +173,8 @@ def write_tiny_blip3o(folder: str | Path, upstream: str | Path | None = None, si
     ).save_pretrained(decoder / "scheduler")  # fmt: skip
     (folder / "tiny_size.json").write_text(json.dumps(asdict(size), indent=2))
     return folder
+
+
+def save_tiny_blip3o(folder: str | Path, upstream: str | Path | None = None, seed: int = 0) -> Path:
+    """The registry's tiny builder (``asgkit check --tiny``, ``--save-tiny``)."""
+    return write_tiny_blip3o(folder, upstream=upstream, seed=seed)
