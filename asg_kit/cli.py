@@ -227,7 +227,7 @@ def train(
 
         try:
             folder = run_training(config, resume=resume is not None, log=log)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ImportError) as error:  # ImportError: a backbone or its upstream checkout missing
             errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
             raise typer.Exit(2)
     console.print(f"run: {folder} (metrics.jsonl, checkpoint/roles/)")

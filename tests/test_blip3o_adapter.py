@@ -227,3 +227,5 @@ def test_asgkit_cli_train_check_and_score(tmp_path, checkpoint, monkeypatch):
     monkeypatch.delenv("ASGKIT_UPSTREAM")
     result = runner.invoke(app, ["check", "--backbone", "blip3o", "--model", str(checkpoint), "--upstream", str(tmp_path)])
     assert result.exit_code == 2 and "JiuhaiChen/BLIP3o" in result.output
+    result = runner.invoke(app, ["train", "--backbone", "blip3o", "--model", str(checkpoint), "--upstream", str(tmp_path), *train_options[:2], "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "JiuhaiChen/BLIP3o" in result.output and "Traceback" not in result.output

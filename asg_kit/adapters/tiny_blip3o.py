@@ -178,3 +178,61 @@ def write_tiny_blip3o(folder: str | Path, upstream: str | Path | None = None, si
 def save_tiny_blip3o(folder: str | Path, upstream: str | Path | None = None, seed: int = 0) -> Path:
     """The registry's tiny builder (``asgkit check --tiny``, ``--save-tiny``)."""
     return write_tiny_blip3o(folder, upstream=upstream, seed=seed)
+
+
+def measure_tiny_blip3o(folder: str | Path, upstream: str | Path | None = None, prompts: int = 4, n: int = 3, images: int = 8, repeats: int = 3) -> dict:
+    """Seconds on the tiny model (best of ``repeats``): ``prompts`` x ``n`` images in one
+    batched ``generate_images`` call against one call per image (same seeds, so the same
+    images), and the Generator update's source features recomputed against cached."""
+    import time
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from asg_kit.adapters.registry import load_backbone
+
+    backbone = load_backbone("blip3o", model=str(folder), **({"upstream": str(upstream)} if upstream else {}))
+    captions = [f"a {color} circle" for color in ("red", "green", "blue", "yellow", "black", "white")][:prompts]
+    pictures = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in range(images)]
+
+    def best(run) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad(), backbone.role("generator"):
+        backbone.generate_images(captions[:1], n=1)  # decoder and negative features loaded outside the timing
+        batched = backbone.generate_images(captions, n=n, seed=0)
+        single = [backbone.generate_images([c], n=1, seed=p * n + j).rollout.latents for p, c in enumerate(captions) for j in range(n)]
+        same = bool(torch.allclose(batched.rollout.latents, torch.cat(single), atol=1e-5))
+        batched_s = best(lambda: backbone.generate_images(captions, n=n, seed=0))
+        single_s = best(lambda: [backbone.generate_images([c], n=1, seed=p * n + j) for p, c in enumerate(captions) for j in range(n)])
+
+    def recompute():
+        backbone._source_cache.clear()
+        backbone.source_features(pictures)
+
+    recompute_s = best(recompute)
+    cached_s = best(lambda: backbone.source_features(pictures))
+    return {
+        "images": prompts * n, "batched_s": batched_s, "one_at_a_time_s": single_s, "batched_speedup": single_s / batched_s,
+        "same_images": same, "source_images": images, "recompute_s": recompute_s, "cached_s": cached_s,
+        "cache_speedup": recompute_s / cached_s, "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+if __name__ == "__main__":  # python -m asg_kit.adapters.tiny_blip3o --upstream DIR [--folder DIR]
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description="Write the tiny BLIP3o and time batched generation and cached source features on it.")
+    parser.add_argument("--upstream", default=None, help="BLIP3o checkout or a folder holding it (default: $ASGKIT_UPSTREAM)")
+    parser.add_argument("--folder", default=None, help="where to write the tiny checkpoint (default: a temporary folder)")
+    arguments = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tiny-blip3o-") as scratch:
+        target = write_tiny_blip3o(arguments.folder or Path(scratch) / "tiny", upstream=arguments.upstream)
+        print(json.dumps(measure_tiny_blip3o(target, upstream=arguments.upstream), indent=2))
