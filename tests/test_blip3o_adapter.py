@@ -153,6 +153,17 @@ def test_source_flow_loss_is_cached_seeded_and_reaches_the_generator(blip3o):
         p.grad = None
 
 
+def test_eva_clip_tower_converts_from_upstreams_bin(tmp_path, checkpoint):
+    from safetensors.torch import load_file
+
+    from asg_kit.adapters.blip3o import convert_eva_clip_tower
+
+    weights = load_file(checkpoint / "gen_vision_tower" / "model.safetensors")
+    torch.save({"module": {f"module.{k}": v for k, v in weights.items()}}, tmp_path / "pytorch_model.bin")
+    converted = load_file(convert_eva_clip_tower(tmp_path / "pytorch_model.bin", tmp_path / "ckpt"))
+    assert converted.keys() == weights.keys() and all(torch.equal(converted[k], weights[k]) for k in weights)
+
+
 def pool_and_config(tmp_path, checkpoint, **overrides):
     from asg_kit.micro.pool import write_pool
     from asg_kit.train.loop import TrainConfig

@@ -835,6 +835,27 @@ class Blip3oAdapter:
         return ((velocity.float() - (noise - target).float()) ** 2).mean(dim=(1, 2, 3))
 
 
+def convert_eva_clip_tower(weights_file: str | Path, checkpoint: str | Path) -> Path:
+    """Put BLIP3o's EVA-CLIP tower (``pytorch_model.bin`` of jiuhai/eva_clip_vision_tower,
+    what upstream's eva_vit.py downloads) into ``checkpoint/gen_vision_tower/model.safetensors``.
+    Read with ``weights_only=True`` (tensors only, no code); a state dict nested under
+    model / module / state_dict or prefixed ``module.`` is unwrapped as upstream does."""
+    from safetensors.torch import save_file
+
+    state = torch.load(str(weights_file), map_location="cpu", weights_only=True)
+    for key in ("model", "module", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    tensors = {k.removeprefix("module."): v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{weights_file} holds no tensors")
+    target = Path(checkpoint) / "gen_vision_tower" / "model.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target))
+    return target
+
+
 def _qwen_image_processor(folder: Path):
     """Qwen2.5-VL's image processor without torchvision (the PIL one), from the folder's
     preprocessor_config.json or Qwen2.5-VL-7B-Instruct's defaults."""
