@@ -124,6 +124,47 @@ def test_generation_n_per_prompt_is_batched_and_seeded(blip3o):
     assert not torch.allclose(both.rollout.latents[0], other.rollout.latents[0])
 
 
+def test_flow_equals_upstream_sample_images(blip3o, monkeypatch):
+    """The adapter's flow against upstream's own ``blip3oQwenForInferenceLM.sample_images``
+    (called on the same DiT; the module is imported without its encoder builder, which
+    pulls every encoder upstream ever tried and is not used by ``sample_images``)."""
+    import importlib
+    import importlib.machinery
+    import sys
+    import types
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    def stand_in(name, package=False):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package)
+        if package:
+            module.__path__ = [str(blip3o.upstream / name.replace(".", "/"))]
+        return module
+
+    builder = stand_in("blip3o.model.multimodal_encoder.builder")
+    builder.build_vision_tower = builder.build_gen_vision_tower = builder.build_dit = None
+    monkeypatch.setitem(sys.modules, builder.__name__, builder)
+    for package in ("blip3o.model.language_model", "blip3o.model.multimodal_projector"):
+        if package not in sys.modules:
+            monkeypatch.setitem(sys.modules, package, stand_in(package, package=True))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    upstream = importlib.import_module("blip3o.model.language_model.blip3o_qwen_inference").blip3oQwenForInferenceLM
+
+    class WithDiT:  # what sample_images reads from its model: get_model().dit
+        dit = blip3o.model.dit
+
+        def get_model(self):
+            return self
+
+    with torch.no_grad(), blip3o.role("generator"):
+        condition = blip3o._conditions([blip3o.generation_prompt_ids("a red circle")])
+        ours = blip3o._flow(condition, [11], 3.0, 4)
+        reference = upstream.sample_images(WithDiT(), condition, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+                                           guidance_scale=3.0, generator=torch.Generator().manual_seed(11), num_inference_steps=4)  # fmt: skip
+    assert torch.equal(ours, reference)
+
+
 def test_source_flow_loss_is_cached_seeded_and_reaches_the_generator(blip3o):
     from asg_kit.train.losses import reward_weighted_regression
 

@@ -184,6 +184,8 @@ class Blip3oAdapter:
         token_id = tokenizer.convert_tokens_to_ids
         self.image_token_id = config.image_token_id
         self.image_start_id = token_id("[IMG]")
+        if self.image_start_id is None or self.image_start_id == tokenizer.unk_token_id:
+            raise ValueError(f"{checkpoint}: the tokenizer has no [IMG] token; is this a BLIP3o checkpoint?")
         self.eos_ids = {i for i in (token_id("<|im_end|>"), token_id("<|endoftext|>")) if i is not None}
         self.eos_id = token_id("<|im_end|>")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else token_id("<|endoftext|>")
@@ -863,4 +865,4 @@ def _qwen_image_processor(folder: Path):
 
     if (folder / "preprocessor_config.json").is_file():
         return Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True)
-    return Qwen2VLImageProcessorPil()
+    return Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)  # Qwen2.5-VL-7B-Instruct's bounds
