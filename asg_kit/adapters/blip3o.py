@@ -20,9 +20,10 @@ Checkpoint folder (``--model PATH``), BLIP3o-8B's hub layout plus two optional p
   [asgkit.json]   {"dit": {NextDiTCrossAttnConfig sizes}, "flow_steps", "decoder_steps",
       "decoder_guidance"}: only when they differ from the 8B model's (tiny test models)
 
-Roles: proposer / solver / generator LoRA on the Qwen2.5-VL text layers; the generator
-role also has LoRA on the DiT's cross-attention and caption projection and its own offset
-of the 64 latent queries (the published BLIP3o update trains the queries).
+Roles: proposer / solver / generator LoRA on the Qwen2.5-VL text layers; the solver also
+has a small LoRA on the vision merger; the generator also has LoRA on the DiT's
+cross-attention and caption projection and its own offset of the 64 latent queries (the
+published BLIP3o update trains the queries).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ MARKERS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "
 EVA_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP statistics, as EVA-CLIP's processor
 EVA_STD = (0.26862954, 0.26130258, 0.27577711)
 DIT_TARGETS = r"dit\.model\.(layers\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)|caption_projection\.linear_[12])"
+MERGER_TARGETS = r"qwen\.model\.visual\.merger\.mlp\.(0|2)"
 QUERY_FILE = "latent_queries_offset.safetensors"
 
 
@@ -283,11 +285,17 @@ class Blip3oAdapter:
         targets = "|".join(lora.target_modules)
         text_layers = rf"qwen\.model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({targets})"
         text_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=text_layers, bias="none")
+        # The published BLIP3o run gives the Solver a small extra LoRA on the vision merger MLP
+        # (r=4, alpha=8), so that its answers can also adapt what it sees.
+        solver_config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=f"({text_layers}|{MERGER_TARGETS})",
+            rank_pattern={MERGER_TARGETS: 4}, alpha_pattern={MERGER_TARGETS: 8}, bias="none",
+        )
         # The generator's LoRA spans the text layers and the DiT's cross-attention (dropout 0 on
         # the DiT, as the published run; one dropout per config, so the text part keeps 0 too).
         generator_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=f"({text_layers}|{DIT_TARGETS})", bias="none")
         self.roles = roles
-        configs = {role: generator_config if role == "generator" else text_config for role in roles}
+        configs = {role: {"generator": generator_config, "solver": solver_config}.get(role, text_config) for role in roles}
         self.peft = get_peft_model(self.model, configs[roles[0]], adapter_name=roles[0])
         for role in roles[1:]:
             self.peft.add_adapter(role, configs[role])
@@ -604,13 +612,14 @@ class Blip3oAdapter:
 
     def embed_image_text(self, images: Sequence[Image.Image], texts: Sequence[str] | None = None) -> torch.Tensor:
         texts = list(texts) if texts is not None else [EMBED_PROBE] * len(images)
-        encoded = self._image_features(images)
-        embeds, positions = [], []
-        for image, text in zip(images, texts):
-            ids, feature, grid = self._request_row(text, encoded[id(image)])
-            embeds.append(self._embed(ids, feature))
-            positions.append(self._positions(ids, grid))
-        return self._mean_embedding(embeds, positions)
+        with torch.no_grad(), self.role(None):  # the image encoding too: the solver has a vision LoRA
+            encoded = self._image_features(images)
+            embeds, positions = [], []
+            for image, text in zip(images, texts):
+                ids, feature, grid = self._request_row(text, encoded[id(image)])
+                embeds.append(self._embed(ids, feature))
+                positions.append(self._positions(ids, grid))
+            return self._mean_embedding(embeds, positions)
 
     # Generation ------------------------------------------------------------------------
 
