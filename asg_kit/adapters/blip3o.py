@@ -171,7 +171,6 @@ class Blip3oAdapter:
         lora: LoraSettings | None = LoraSettings(),
         roles: Sequence[str] = ROLES,
         settings: Blip3oSettings = Blip3oSettings(),
-        extra_config: dict | None = None,
     ) -> None:
         self.model = network
         self.tokenizer = tokenizer
@@ -180,7 +179,6 @@ class Blip3oAdapter:
         self.upstream = Path(upstream)
         self.modules = modules
         self.settings = settings
-        self.extra_config = extra_config or {}
         config = network.qwen.config
         self.qwen_config = config
         token_id = tokenizer.convert_tokens_to_ids
@@ -275,7 +273,7 @@ class Blip3oAdapter:
         image_processor = _qwen_image_processor(folder)
         settings_keys = {k: extra[k] for k in ("flow_steps", "decoder_steps", "decoder_guidance") if k in extra}
         settings = options.pop("settings", Blip3oSettings(**settings_keys))
-        return cls(network, tokenizer, image_processor, folder, modules, checkout, settings=settings, extra_config=extra, **options)
+        return cls(network, tokenizer, image_processor, folder, modules, checkout, settings=settings, **options)
 
     def _add_roles(self, lora: LoraSettings, roles: tuple[str, ...]) -> None:
         from peft import LoraConfig, get_peft_model
