@@ -223,7 +223,6 @@ def train(
     upstream: Optional[Path] = UPSTREAM,
 ) -> None:
     """Improve a unified model from unlabeled images: the Proposer asks, the Solver answers and judges, the Generator draws, every reward comes from the model's own consistency. Run under torchrun for several processes."""
-    from asg_kit.adapters.registry import BackboneUnavailable
     from asg_kit.checks import UserError
     from asg_kit.jsonl import JsonlError
     from asg_kit.train.loop import TrainConfig, resume_config, train as run_training
@@ -266,7 +265,7 @@ def train(
         finally:
             if progress.live.is_started:
                 progress.stop()
-    except (UserError, FileNotFoundError, JsonlError, BackboneUnavailable) as error:
+    except (UserError, FileNotFoundError, JsonlError, ImportError) as error:  # ImportError: a backbone, its dependencies or its upstream checkout missing
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
     console.print(f"run: {folder} (metrics.jsonl, checkpoint/roles/)")
@@ -440,7 +439,7 @@ def bench(
         "understanding metrics + geneval), understanding, shapes (shapes_vqa + shapes_geneval). Tasks: shapes_vqa, "
         "shapes_geneval, geneval, or any lmms-eval task (mmmu_val, ...). Default: shapes for micro, paper otherwise.",
     ),
-    backbone: str = typer.Option("micro", help="Registered backbone (asgkit's registry: janus, micro)."),
+    backbone: str = typer.Option("micro", help="Registered backbone (asgkit's registry: blip3o, janus, micro)."),
     model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id (default: the backbone's own)."),
     roles: Optional[Path] = typer.Option(None, help="Trained role adapters to evaluate: a training run's folder (its checkpoint/roles) or a roles folder."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model, every adapter off."),

@@ -24,6 +24,11 @@ BACKBONES: dict[str, dict[str, str]] = {
         "tiny": "asg_kit.micro.model:save_tiny_micro",
         "install": "pip install -U 'transformers>=4.52'",
     },
+    "blip3o": {
+        "adapter": "asg_kit.adapters.blip3o:Blip3oAdapter",
+        "tiny": "asg_kit.adapters.tiny_blip3o:save_tiny_blip3o",
+        "install": "pip install 'asg-kit[blip3o]' (transformers 5 and diffusers >= 0.33; README, BLIP3o)",
+    },
 }
 
 

@@ -23,7 +23,9 @@ Generation step:
   3. The Generator draws L=3 candidates; the Solver scores each (QA fidelity, cycle
      caption, diversity, contradiction) into R_G.
   4. Generator update by the backbone's paradigm: for "ar_tokens", clipped GRPO over the
-     image tokens (advantages z-scored over the candidates; skipped when they tie).
+     image tokens (advantages z-scored over the candidates; skipped when they tie); for
+     "diffusion", reward-weighted regression: (1 + 0.5 clip01(best R_G)) times the
+     flow-matching loss on the SOURCE image given the spec prompt.
 
 After each step the KL coefficient adapts. A NaN or inf anywhere in an update skips it
 with a logged reason before it reaches the weights. Checkpoints (role adapters as
@@ -73,6 +75,7 @@ from asg_kit.train.losses import (
     group_advantages,
     masked_mean,
     max_normalized_advantages,
+    reward_weighted_regression,
 )
 
 
@@ -113,6 +116,7 @@ class TrainConfig:
     spec_quality_min: float = 0.35
     use_cycle: bool = True  # False: R_G without the cycle-consistency term (ablation)
     clip_ratio: float = 0.2
+    rwr_weight: float = 0.5  # "diffusion": w in (1 + w * clip01(best R_G))
     # KL to the reference
     beta: float = 0.01
     kl_target: float = 0.02
@@ -259,7 +263,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
     out = Path(config.out)
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
     backbone = load_backbone(config.backbone, model=config.model, **({"upstream": config.upstream} if config.upstream else {}))
-    if backbone.generation_paradigm != "ar_tokens" and config.generation_per_cycle:
+    if backbone.generation_paradigm not in ("ar_tokens", "diffusion") and config.generation_per_cycle:
         raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone; only 'ar_tokens' is built")
     pool = list_pool(config.images)
     optimizers = {
@@ -446,7 +450,15 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                 row.update(generation_rewards=rewards, s_fid=[s.fidelity.s_fid for s in scores], s_div=[s.diversity for s in scores],
                            s_cyc=[s.cycle.s_cyc for s in scores] if config.use_cycle else None)  # fmt: skip
                 advantages = group_advantages(rewards) if all(math.isfinite(r) for r in rewards) else None
-                if advantages is None:
+                if backbone.generation_paradigm == "diffusion" and all(math.isfinite(r) for r in rewards):
+                    # 4. Reward-weighted regression: reconstruct the real image from the spec prompt.
+                    training_mode(True)
+                    with backbone.role("generator"):
+                        flow_mse = backbone.source_flow_loss([image], [spec.prompt], seed=seed)
+                    training_mode(False)
+                    loss = reward_weighted_regression(flow_mse, max(rewards), config.rwr_weight).mean()
+                    row.update(generator_loss=loss.item(), flow_mse=flow_mse.mean().item())
+                elif advantages is None:
                     reason = "candidates tie (no preference)" if all(math.isfinite(r) for r in rewards) else "non-finite reward"
                 else:
                     # 4. Clipped GRPO over the image tokens, ratio against the reference.
