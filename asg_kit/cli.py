@@ -118,8 +118,8 @@ def score(
     questions: Optional[Path] = typer.Option(None, help="JSONL of your own checks: {'prompt': ..., 'questions': [{'question': ..., 'expected': ...}]} per line."),
     out: Optional[Path] = typer.Option(None, help="Output JSONL, one line per image (default: FOLDER/asg_scores.jsonl, or asg_difficulty.jsonl)."),
     difficulty: bool = typer.Option(False, "--difficulty", help="Rank unlabeled images by difficulty instead (Proposer questions, STE, self-consistency, bucket); needs no prompts."),
-    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda."),
-    dtype: Optional[str] = typer.Option(None, help="Weights dtype, e.g. bfloat16."),
+    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda:1 (default: cuda when there is a GPU, else cpu)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 (default: the backbone's, float32; README, Backbones)."),
     fresh: bool = typer.Option(False, "--fresh", help="Replace what is at --out (another job's rows, or any file that is not an input) instead of resuming."),
     max_prompt_chars: int = typer.Option(2000, help="Longer prompts and questions get a row with the reason instead of a model call."),
     max_pixels: Optional[int] = typer.Option(None, help="Larger images get a row with the reason (default: Pillow's decompression-bomb limit, about 89 megapixels); large images below it are downscaled."),
@@ -128,6 +128,7 @@ def score(
 ) -> None:
     """Judge generated images with the model's own Solver: per-question answers and matches, contradictions, a cycle caption, diversity, and the combined reward R_G. Re-running the same job resumes: finished images are skipped, errors retried."""
     from asg_kit.adapters.registry import load_backbone
+    from asg_kit.devices import default_device
     from asg_kit.folders import FolderError, discover
     from asg_kit.jsonl import JsonlError
     from asg_kit.score import Judge, ScoreOptions, ScoreOutput, ScoreSetupError, check_judge, default_output, run_score, summary_path
@@ -138,6 +139,7 @@ def score(
         settings.max_pixels = max_pixels
     try:
         discovery = discover(folder)
+        device = default_device(device)  # the GPU when there is one
         identity = Judge(backbone, model, dtype, device)
         check_judge(identity, device)
         output = ScoreOutput(folder, out, discovery, settings, identity)
@@ -221,6 +223,10 @@ def train(
     proposer_max_new_tokens: int = typer.Option(384, help="Longest Proposer question or spec."),
     checkpoint_every: int = typer.Option(50, help="Steps between checkpoints."),
     upstream: Optional[Path] = UPSTREAM,
+    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda:1 (default: cuda when there is a GPU, else cpu; under torchrun each process takes the GPU of its LOCAL_RANK). May change on --resume."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 (default: the backbone's, float32; README, Backbones)."),
+    report_to: str = typer.Option("none", help="Also log every step's metrics to tensorboard (RUN/tensorboard) or wandb (RUN/wandb, offline without an API key); none: metrics.jsonl only."),
+    log_images_every: int = typer.Option(50, help="With --report-to: steps between the Generator's candidate images (with their R_G) sent to the tracker; 0: never."),
 ) -> None:
     """Improve a unified model from unlabeled images: the Proposer asks, the Solver answers and judges, the Generator draws, every reward comes from the model's own consistency. Run under torchrun for several processes."""
     from asg_kit.checks import UserError
@@ -230,7 +236,8 @@ def train(
     settings = dict(backbone=backbone, model=model, images=str(images) if images else "", steps=steps, seed=seed, lr=lr,
                     guidance_scale=guidance, solver_max_new_tokens=solver_max_new_tokens,
                     proposer_max_new_tokens=proposer_max_new_tokens, spec_max_new_tokens=proposer_max_new_tokens,
-                    checkpoint_every=checkpoint_every, upstream=str(upstream.resolve()) if upstream else None)  # fmt: skip
+                    checkpoint_every=checkpoint_every, upstream=str(upstream.resolve()) if upstream else None,
+                    device=device, dtype=dtype, report_to=report_to, log_images_every=log_images_every)  # fmt: skip
     try:
         if resume:
             if out is not None and out.resolve() != resume.resolve():
@@ -278,8 +285,8 @@ def check(
     upstream: Optional[Path] = UPSTREAM,
     tiny: bool = typer.Option(False, "--tiny", help="Check a tiny random-weight instance built here (upstream backbones: from the real upstream classes), saved and loaded through the backbone's real loading path; no download."),
     save_tiny: Optional[Path] = typer.Option(None, help="Also keep that tiny instance as a checkpoint folder (a new folder), which --model DIR loads (implies --tiny)."),
-    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda."),
-    dtype: Optional[str] = typer.Option(None, help="Weights dtype, e.g. bfloat16 (tolerances follow the dtype)."),
+    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda:1 (default: cuda when there is a GPU, else cpu)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 (default: the backbone's, float32; tolerances follow the dtype)."),
     seed: int = typer.Option(0, help="Seed of the tiny weights, the role weights and every sample."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
 ) -> None:
@@ -298,7 +305,14 @@ def check(
         errors.print(f"[red]error:[/red] {escape(str(save_tiny))} exists and is not empty: choose a new folder for --save-tiny", highlight=False)
         raise typer.Exit(2)
     _quiet_transformers()
-    options = {k: v for k, v in {"device": device, "dtype": dtype, "upstream": str(upstream) if upstream else None}.items() if v}
+    from asg_kit.checks import UserError
+    from asg_kit.devices import placement
+
+    try:
+        options = {**placement(device, dtype), **({"upstream": str(upstream)} if upstream else {})}
+    except UserError as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
     with tempfile.TemporaryDirectory(prefix="asgkit-tiny-") as scratch:
         try:
             if tiny:

@@ -19,12 +19,10 @@ images is shown as one strip of them side by side, as lmms-eval's ``*_group_img`
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from lmms_eval.api.model import lmms
 from PIL import Image
 
@@ -137,8 +135,9 @@ class AsgkitLMM(lmms):
         if isinstance(backbone, str):
             from asg_kit.adapters.registry import load_backbone
 
-            if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-                device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under torchrun / accelerate
+            from asg_kit.devices import default_device
+
+            device = default_device(device)  # the GPU when there is one; under torchrun / accelerate, the rank's own
             options = {key: value for key, value in {"device": device, "dtype": dtype}.items() if value}
             backbone = load_backbone(backbone, model=str(model) if model else None, **options)
         if roles:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from asg_kit.bench import published
 from asg_kit.bench.understanding import PAPER_TASKS, check_tasks, missing_judge, paper_values
+from asg_kit.devices import default_device  # a benchmark runs on the GPU when there is one
 
 SHAPES_TASKS = ("shapes_vqa", "shapes_geneval")
 OWN_TASKS = (*SHAPES_TASKS, "geneval")
@@ -341,13 +342,6 @@ def score_geneval_folder(images: str | Path, config: BenchConfig, progress_bar: 
                "reference": config.reference, "tasks": {"geneval": entry}}  # fmt: skip
     write_json_atomic(out / "results.json", results)
     return results
-
-
-def default_device() -> str | None:
-    """A benchmark runs on the GPU when there is one (the backbone's own default otherwise)."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else None
 
 
 def _device(backbone) -> str:

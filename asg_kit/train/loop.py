@@ -54,7 +54,9 @@ from asg_kit import prompts
 from asg_kit.adapters.base import AnswerRequest, NonFiniteLogits
 from asg_kit.adapters.registry import load_backbone
 from asg_kit.images import IMAGE_EXTENSIONS, BadImage, load_image
-from asg_kit.checks import UserError, check_backbone_name, check_model, check_output_folder, check_positive, check_seed, folder_lock, looks_like_path
+from asg_kit.checks import UserError, check_backbone_name, check_device, check_dtype, check_model, check_output_folder, check_positive, check_seed, folder_lock, looks_like_path
+from asg_kit.devices import default_device, process_group_backend
+from asg_kit.train.trackers import Tracker, check_report_to, open_tracker
 from asg_kit.jsonl import append_jsonl, cut_torn_line, read_jsonl, recover_folder, swap_in_folder, write_json_atomic
 from asg_kit.rewards import (
     EasyThreshold,
@@ -84,6 +86,8 @@ class TrainConfig:
     backbone: str = "micro"
     model: str | None = None
     upstream: str | None = None  # upstream checkout, for the backbones that run one
+    device: str | None = None  # None: the GPU when there is one (the rank's LOCAL_RANK under torchrun), else CPU
+    dtype: str | None = None  # None: the backbone's own (float32)
     images: str = ""
     out: str = "runs/asg"
     steps: int = 10_000
@@ -123,6 +127,8 @@ class TrainConfig:
     kl_rate: float = 0.10
     # bookkeeping
     checkpoint_every: int = 50
+    report_to: str = "none"  # or "tensorboard", "wandb" (asg_kit/train/trackers.py)
+    log_images_every: int = 50  # steps between the Generator's candidates sent to the tracker (0: never)
 
 
 def step_kind(config: TrainConfig, step: int) -> str:
@@ -147,10 +153,13 @@ def list_pool(folder: str | Path) -> list[Path]:
     return paths
 
 
-# Settings a resumed run may change: neither changes what the run computes.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "out")
+# The total, the checkpoint cadence, where the upstream checkout lives and the device change
+# no result (the device only its numerics); a resumed run may change them.
+CHANGEABLE_ON_RESUME = ("steps", "checkpoint_every", "upstream", "device", "report_to", "log_images_every")
+# Settings left out when a resumed run's settings are compared with the saved ones.
+RESUMABLE_CHANGES = (*CHANGEABLE_ON_RESUME, "out")
 # What a run writes into its folder; --overwrite removes these and nothing else.
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "tensorboard", "wandb")
 
 
 def _say(line: str) -> None:
@@ -165,6 +174,11 @@ def check_config(config: TrainConfig) -> TrainConfig:
     for flag, value, integer in (("--steps", config.steps, True), ("--lr", config.lr, False), ("--checkpoint-every", config.checkpoint_every, True)):
         check_positive(flag, value, integer)
     check_seed(config.seed)
+    check_device(config.device)
+    check_dtype(config.dtype)
+    check_report_to(config.report_to)
+    if config.log_images_every < 0:
+        raise UserError(f"--log-images-every {config.log_images_every}: a number of steps, 0 for never")
     if not config.images:
         raise UserError("no image pool: pass --images DIR (a folder of unlabeled images)")
     try:
@@ -218,7 +232,7 @@ def prepare_run_folder(config: TrainConfig, resume: bool, overwrite: bool = Fals
         if saved_path.is_file():
             changed = _changed(asdict(config_from_run(out)), _run_settings(config))
             if changed:
-                raise UserError(f"{out} was started with {', '.join(changed)}; a resumed run keeps its settings (only steps and checkpoint_every may change): drop those options, or start a new run with another --out")
+                raise UserError(f"{out} was started with {', '.join(changed)}; a resumed run keeps its settings (only steps, checkpoint_every, upstream and device may change): drop those options, or start a new run with another --out")
         if recover_folder(out / "checkpoint"):
             step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
             notice(f"{out}/checkpoint: a run was killed while replacing its checkpoint; recovered the previous one (step {step}) from checkpoint.old")
@@ -247,22 +261,35 @@ def train(
     config = check_config(config)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    device = default_device(config.device)  # under torchrun: this rank's LOCAL_RANK GPU
+    if device and device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # nccl's collectives run on the current device
     if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group(process_group_backend(device))
     with contextlib.ExitStack() as stack:
         if rank == 0:
             stack.enter_context(folder_lock(config.out, "asgkit train"))
             prepare_run_folder(config, resume, overwrite, notice)
         if world_size > 1:
             torch.distributed.barrier()
-        return _train_loop(config, resume, log, stop_after, world_size, rank)
+        start = checkpoint_step(config.out) if resume else 0
+        tracker = stack.enter_context(contextlib.closing(open_tracker(config.report_to, config.out, asdict(config), start, config.log_images_every, rank)))
+        return _train_loop(config, resume, log, stop_after, world_size, rank, device, tracker)
 
 
-def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], stop_after: int | None, world_size: int, rank: int) -> Path:
+def checkpoint_step(folder: str | Path) -> int:
+    """The step a run folder's checkpoint was written at (0 without one)."""
+    state = Path(folder) / "checkpoint" / "state.json"
+    return json.loads(state.read_text())["step"] if state.is_file() else 0
+
+
+def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], stop_after: int | None, world_size: int, rank: int,
+                device: str | None = None, tracker: Tracker | None = None) -> Path:
     # ---- setup: backbone, pool, optimizers, trackers ---------------------------------------
     out = Path(config.out)
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
-    backbone = load_backbone(config.backbone, model=config.model, **({"upstream": config.upstream} if config.upstream else {}))
+    placed = {key: value for key, value in {"device": device, "dtype": config.dtype, "upstream": config.upstream}.items() if value}
+    backbone = load_backbone(config.backbone, model=config.model, **placed)
     if backbone.generation_paradigm not in ("ar_tokens", "diffusion") and config.generation_per_cycle:
         raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone; only 'ar_tokens' is built")
     pool = list_pool(config.images)
@@ -282,7 +309,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
         for role, optimizer in optimizers.items():
             path = out / "checkpoint" / f"optimizer_{role}.pt"
             try:
-                optimizer.load_state_dict(torch.load(path, weights_only=True))
+                optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # onto the params' device, which may differ on resume
             except (OSError, RuntimeError, ValueError, KeyError) as error:
                 raise UserError(f"{path}: cannot be read ({str(error).splitlines()[0]}); the checkpoint is damaged: start a new run with another --out") from None
         if len(state["ranks"]) != world_size:
@@ -301,6 +328,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
         metrics.unlink()
 
     applied: set[str] = set()
+    shown: dict = {}  # what a tracker may show of the step beyond its row: the Generator's candidates
 
     def apply(role: str, loss: torch.Tensor | None, reason: str | None) -> str | None:
         """Backpropagate ``loss`` into ``role`` and step, unless anything is non-finite; with
@@ -315,7 +343,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
             loss.backward()
             if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
                 reason = "non-finite gradient"
-        contributed = torch.tensor([0.0 if reason else 1.0])
+        contributed = torch.tensor([0.0 if reason else 1.0], device=params[0].device if params else None)
         if world_size > 1:
             torch.distributed.all_reduce(contributed)
             for p in params:
@@ -384,7 +412,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                         for reward in judged.solver_rewards:
                             advantages.append(reward - solver_baseline.current)
                             solver_baseline.update(reward)
-                    loss = (torch.tensor(advantages) * nll).mean() + kl_control.beta * kl.mean()
+                    loss = (torch.tensor(advantages, device=nll.device) * nll).mean() + kl_control.beta * kl.mean()
                     kl_measured = kl.mean().item()
                     row.update(solver_loss=loss.item(), kl=kl_measured)
             row["solver_skip"] = apply("solver", loss, reason)
@@ -417,7 +445,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                 with torch.no_grad(), backbone.role(None):
                     reference = backbone.score_completions(requests, [a.token_ids for a in asked])
                 mean_lp, mean_ref = masked_mean(scored.logprobs, scored.mask), masked_mean(reference.logprobs, reference.mask)
-                surrogate = clipped_surrogate(torch.tensor(advantages), mean_lp, mean_ref, config.clip_ratio)
+                surrogate = clipped_surrogate(torch.tensor(advantages, device=mean_lp.device), mean_lp, mean_ref, config.clip_ratio)
                 loss = surrogate.mean() + kl_control.beta * torch.relu(mean_lp - mean_ref).mean()
                 row.update(proposer_loss=loss.item())
             row.update(proposer_group_rewards=rewards, proposer_skip=apply("proposer", loss, reason))
@@ -446,6 +474,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                 with backbone.role("generator"):
                     drawn = backbone.generate_images([spec.prompt], n=config.generator_candidates, guidance_scale=config.guidance_scale, seed=seed)
                 scores = generation_scorer.score(spec, drawn.images[0])
+                shown.update(candidates=drawn.images[0], prompt=spec.prompt)
                 rewards = [s.reward for s in scores]
                 row.update(generation_rewards=rewards, s_fid=[s.fidelity.s_fid for s in scores], s_div=[s.diversity for s in scores],
                            s_cyc=[s.cycle.s_cyc for s in scores] if config.use_cycle else None)  # fmt: skip
@@ -469,7 +498,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                     with torch.no_grad(), backbone.role(None):
                         reference = backbone.generation_logprobs(drawn.rollout)
                     mean_lp, mean_ref = logprobs.mean(-1), reference.mean(-1)
-                    surrogate = clipped_surrogate(torch.tensor(advantages), mean_lp, mean_ref, config.clip_ratio)
+                    surrogate = clipped_surrogate(torch.tensor(advantages, device=mean_lp.device), mean_lp, mean_ref, config.clip_ratio)
                     kl_measured = torch.relu(mean_lp - mean_ref).mean().item()
                     loss = surrogate.mean() + kl_control.beta * torch.relu(mean_lp - mean_ref).mean()
                     row.update(generator_loss=loss.item(), kl=kl_measured)
@@ -497,6 +526,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
             image = None
         kl_measured = None
         applied.clear()
+        shown.clear()
         try:
             if image is not None:
                 kl_measured = run_step(image, kind, seed, row)
@@ -514,6 +544,8 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
         row["seconds"] = time.time() - began
         append_jsonl(metrics, row)
         log(row)
+        if tracker is not None:
+            tracker.report(row, shown.get("candidates"), shown.get("prompt"))
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(out, backbone, optimizers, step + 1, kl_control.beta, rank, world_size,
                             {"percentile": percentile.state_dict(), "easy": easy.state_dict(),
@@ -576,12 +608,8 @@ def resume_config(folder: str | Path, **asked) -> TrainConfig:
         raise TypeError(f"unknown TrainConfig fields: {', '.join(unknown)}")
     changed = _changed(saved, {k: v for k, v in asked.items() if k not in ("out",) + CHANGEABLE_ON_RESUME})
     if changed:
-        raise UserError(f"{folder} was started with {', '.join(changed)}; a resumed run keeps its settings (only --steps, --checkpoint-every and --upstream may change): drop those options, or start a new run with another --out")
+        raise UserError(f"{folder} was started with {', '.join(changed)}; a resumed run keeps its settings (only --steps, --checkpoint-every, --upstream and --device may change): drop those options, or start a new run with another --out")
     return replace(config, **{k: v for k, v in asked.items() if k in CHANGEABLE_ON_RESUME})
-
-
-# The total, the checkpoint cadence and where the upstream checkout lives change no result.
-CHANGEABLE_ON_RESUME = ("steps", "checkpoint_every", "upstream")
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m asg_kit.train.loop RUN_CONFIG.json
