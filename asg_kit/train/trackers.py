@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -77,9 +78,13 @@ class Tracker:
     step at or after every multiple of K."""
 
     def __init__(self, images_every: int, start: int, history: Iterable[dict]) -> None:
+        history = list(history)
         self.images_every = images_every
-        self.next_images = start
         self.counts = RunningCounts(history)
+        # A resumed run shows images at the steps an uninterrupted one would have.
+        since = start // images_every * images_every if images_every else start
+        shown = any(since <= row.get("step", -1) < start and row.get("generation_rewards") for row in history)
+        self.next_images = since + images_every if shown else since
 
     def report(self, row: dict, candidates: Sequence[Image.Image] | None = None, prompt: str | None = None) -> None:
         step = row["step"]
@@ -151,7 +156,7 @@ class WandbTracker(Tracker):
         folder = out / "wandb"
         folder.mkdir(parents=True, exist_ok=True)
         id_file = folder / "run_id"
-        run_id = id_file.read_text().strip() if start > 0 and id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if start > 0 and id_file.is_file() else secrets.token_hex(4)  # wandb ids: lowercase letters and digits
         id_file.write_text(run_id)
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "asgkit"), name=out.name, id=run_id, resume="allow", dir=str(out), config=config)
