@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -23,6 +24,32 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+
+
+def _fold_long_words_in_help() -> None:
+    # rich cuts a word wider than the help column with an ellipsis, so at 80 columns a
+    # default path or hub id lost its end; folded, it stays whole over two lines.
+    try:
+        from rich.text import Text
+        from typer import rich_utils
+    except ImportError:
+        return
+    helper = getattr(rich_utils, "_get_parameter_help", None)
+    if helper is None or getattr(helper, "folds", False):
+        return
+
+    def folded(*args, **kwargs):
+        columns = helper(*args, **kwargs)
+        for item in getattr(columns, "renderables", ()):
+            if isinstance(item, Text):
+                item.overflow = "fold"
+        return columns
+
+    folded.folds = True
+    rich_utils._get_parameter_help = folded
+
+
+_fold_long_words_in_help()
 # Errors go to stderr unwrapped, so that paths and line numbers stay on one line.
 errors = Console(stderr=True, soft_wrap=True)
 
@@ -68,13 +95,16 @@ def rewards(
         raise typer.Exit(2)
     scores = score_vote_records(records)
 
-    table = Table(title=f"Self-consistency rewards: {path}")
-    table.add_column("question", max_width=32, overflow="ellipsis", no_wrap=True)
-    for column in ("majority", "f", "H_SC", "margin", "bucket", "d_STE", "R_P", "Solver rewards (x count)"):
-        table.add_column(column)
+    # Fits 80 columns: the question and answers wrap, numbers never do, one Solver reward a line.
+    table = Table(title=f"Self-consistency rewards: {path}", title_justify="left", box=box.SIMPLE_HEAD, padding=0, show_edge=False, row_styles=["", "dim"])
+    table.add_column("question", min_width=14, ratio=1, overflow="fold")
+    table.add_column("majority", max_width=10, overflow="fold")
+    for column in ("f", "H_SC", "margin", "bucket", "d_STE", "R_P"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "bucket" else "right")
+    table.add_column("Solver\nx count", no_wrap=True)
     for record, score in zip(records, scores):
         s = score.stats
-        solver = f"skip ({score.skip_reason})" if score.skip_reason else _counted(score.solver_rewards)
+        solver = f"skip:\n{score.skip_reason}".replace(" question", "") if score.skip_reason else _counted(score.solver_rewards)
         table.add_row(
             record.question, s.majority, f"{s.majority_share:.2f}", f"{s.entropy:.3f}", f"{s.margin:.2f}",
             score.bucket, f"{score.d_ste:.3f}", f"{score.proposer_reward:+.3f}", solver,
@@ -87,7 +117,7 @@ def rewards(
 
 def _counted(values) -> str:
     counts = Counter(f"{v:+.3f}" for v in values)
-    return " ".join(f"{v}x{n}" for v, n in counts.items())
+    return "\n".join(f"{v} x{n}" for v, n in counts.items())
 
 
 def _score_json(record, score) -> dict:
@@ -214,7 +244,7 @@ def train(
     images: Optional[Path] = typer.Option(None, help="Folder of unlabeled images (any layout; labels are never read)."),
     steps: int = typer.Option(10_000, help="Total steps of the run (3 understanding : 2 generation). With --resume: the new total, counted from step 0 (default: the saved total)."),
     out: Optional[Path] = typer.Option(None, help="Run folder: metrics.jsonl, checkpoint/, config.json. A folder that holds a run is refused unless --resume or --overwrite."),
-    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder with its saved settings; only --steps and --checkpoint-every may change, other options that differ are refused."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder with its saved settings; only --steps, --checkpoint-every, --upstream, --device, --report-to and --log-images-every may change, other options that differ are refused."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --out that holds a run: its config.json, metrics and checkpoints are deleted."),
     seed: int = typer.Option(42, help="Seed of every draw (per rank and step)."),
     lr: float = typer.Option(1e-6, help="AdamW learning rate of every role."),
@@ -440,7 +470,7 @@ MODEL_CONFIG = typer.Option(None, help="Official mode: mmdetection config file, 
 DETECTOR = typer.Option(None, help="Portable mode: transformers Mask2Former, folder or hub id (default: facebook/mask2former-swin-small-coco-instance).")  # fmt: skip
 CLIP = typer.Option(None, help="Portable mode: transformers CLIP, folder or hub id (default: openai/clip-vit-large-patch14).")
 REFERENCE = typer.Option(None, help="Published row to compare with (blip3o-8b, bagel, vargpt-v1.1, janus-pro-7b, janus-pro-1b, micro) (default: by backbone).")  # fmt: skip
-DEVICE = typer.Option(None, help="Device for the models, e.g. cuda:1 (default: cuda when there is a GPU).")
+DEVICE = typer.Option(None, help="Device for the models, e.g. cuda:1 (default: cuda when there is a GPU, else cpu).")
 app.add_typer(bench_app, name="bench")
 
 
