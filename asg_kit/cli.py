@@ -12,7 +12,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 import asg_kit
@@ -180,12 +180,16 @@ def score(
                 judge = load_backbone(backbone, model=model, **options)
             except (OSError, ValueError, ImportError) as error:  # a model that cannot be loaded, an option it refuses
                 raise ScoreSetupError(" ".join(str(error).split())) from None
-            with _progress() as progress:
-                task = progress.add_task(f"scoring {len(discovery.entries)} images ({discovery.layout} layout)", total=len(discovery.entries))
-                summary = run_score(judge, folder, out, settings, progress=lambda n, total: progress.advance(task, n), discovery=discovery, output=output)
+            with _progress(spinner=True) as progress:  # the spinner turns while a model call has no row to show yet
+                scoring = f"scoring {len(discovery.entries)} images ({discovery.layout} layout)"
+                task = progress.add_task(scoring, total=len(discovery.entries))
+                summary = run_score(judge, folder, out, settings, progress=lambda n, total: progress.advance(task, n), discovery=discovery, output=output,
+                                    status=lambda text: progress.update(task, description=text or scoring))  # fmt: skip
     except (FolderError, ScoreSetupError, JsonlError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        _interrupted(f"the scored images are kept in {out}; run the same command again to resume")
     _print_summary(summary, difficulty)
     console.print(f"rows: {out}\nsummary: {summary_path(out)}")
     if report:
@@ -195,6 +199,11 @@ def score(
     if summary["scored"] == 0:
         errors.print("[red]error:[/red] no image could be scored; the reasons are listed above and in the summary", highlight=False)
         raise typer.Exit(1)
+
+
+def _interrupted(how_to_resume: str) -> None:
+    errors.print(f"interrupted: {escape(how_to_resume)}", highlight=False)
+    raise typer.Exit(130)  # 128 + SIGINT, as a shell reports it
 
 
 def _quiet_transformers() -> None:
@@ -305,6 +314,12 @@ def train(
     except (UserError, FileNotFoundError, JsonlError, ImportError) as error:  # ImportError: a backbone, its dependencies or its upstream checkout missing
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        run = resume or out
+        from asg_kit.train.loop import checkpoint_step
+
+        step = checkpoint_step(run) if run is not None else 0
+        _interrupted(f"continue with: asgkit train --resume {run} (from its last checkpoint, step {step})")
     console.print(f"run: {folder} (metrics.jsonl, checkpoint/roles/)")
 
 
@@ -381,9 +396,9 @@ micro_app = typer.Typer(
 app.add_typer(micro_app, name="micro")
 
 
-def _progress(on: Console = console) -> Progress:
+def _progress(on: Console = console, spinner: bool = False) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=on
+        *([SpinnerColumn()] if spinner else []), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=on
     )
 
 
@@ -532,6 +547,8 @@ def bench(
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        _interrupted(f"finished tasks are kept in {Path(config.out) / 'results.json'}; run the same command again to resume")
     _print_bench(results)
     console.print(f"results: {Path(config.out) / 'results.json'}")
 

@@ -375,6 +375,12 @@ class ScoreOutput:
 # Scoring ----------------------------------------------------------------------------------
 
 
+def _needs_proposer(entry: ImageEntry, user: dict[str, GenerationSpec], options: ScoreOptions) -> bool:
+    """Whether this prompt's questions come from the Proposer (see ``_spec_for``)."""
+    has_geneval = bool(entry.metadata and entry.metadata.get("include"))
+    return bool(options.proposer_specs and entry.prompt and entry.prompt not in user and not entry.questions and not has_geneval)
+
+
 def _spec_for(entry: ImageEntry, user: dict[str, GenerationSpec], backbone: UnifiedBackbone, options: ScoreOptions) -> tuple[GenerationSpec, str]:
     if entry.prompt in user:
         return user[entry.prompt], "user"
@@ -435,23 +441,26 @@ def run_score(
     discovery: Discovery | None = None,
     judge: Judge | None = None,
     output: ScoreOutput | None = None,
+    status: Callable[[str], None] = lambda text: None,
 ) -> dict:
     """Score every image of ``folder`` not yet (validly) in ``out``; return the summary
     (also written next to ``out`` as ``<out stem>.summary.json``). ``progress(advance,
     total)`` is called once with the images already done, then after each row. ``output``:
     an already entered ``ScoreOutput`` (its lock held); otherwise one is claimed here for
     ``judge`` (default: the backbone's registered name). Raises ``ScoreSetupError`` before
-    any work for a refused output."""
+    any work for a refused output. ``status(text)`` says what runs between rows (the
+    Proposer decomposing a free-text prompt), "" when that is over."""
     folder, out = Path(folder), Path(out)
     discovery = discovery or discover(folder)
     if output is None:
         judge = judge or Judge(getattr(backbone, "name", type(backbone).__name__))
         with ScoreOutput(folder, out, discovery, options, judge) as claimed:
-            return _score_into(backbone, claimed, options, progress)
-    return _score_into(backbone, output, options, progress)
+            return _score_into(backbone, claimed, options, progress, status)
+    return _score_into(backbone, output, options, progress, status)
 
 
-def _score_into(backbone: UnifiedBackbone, output: ScoreOutput, options: ScoreOptions, progress: Callable[[int, int], None]) -> dict:
+def _score_into(backbone: UnifiedBackbone, output: ScoreOutput, options: ScoreOptions, progress: Callable[[int, int], None],
+                status: Callable[[str], None] = lambda text: None) -> dict:
     output.begin()
     out, discovery = output.out, output.discovery
     rows_in_file = sum(1 for line in out.read_bytes().splitlines() if line.strip()) if out.exists() else 0
@@ -492,7 +501,7 @@ def _score_into(backbone: UnifiedBackbone, output: ScoreOutput, options: ScoreOp
             result = scorer.score(loaded.image, seed=image_seed(contents[entry.key], options.seed))
             write({"image": entry.key, "status": "scored", "sha256": contents[entry.key], "notes": loaded.notes, **asdict(result)})
     else:
-        rewrite = _score_generations(backbone, output, options, contents, valid, write, error, done) or rewrite
+        rewrite = _score_generations(backbone, output, options, contents, valid, write, error, done, status) or rewrite
     current = {e.key for e in discovery.entries}
     if rewrite:
         # Drop superseded rows and bring refreshed ones in: current images in the folder's
@@ -502,7 +511,7 @@ def _score_into(backbone: UnifiedBackbone, output: ScoreOutput, options: ScoreOp
     return _summarize(discovery, {k: r for k, r in done.items() if k in current}, out, options)
 
 
-def _score_generations(backbone, output: ScoreOutput, options: ScoreOptions, contents, valid, write, error, done) -> bool:
+def _score_generations(backbone, output: ScoreOutput, options: ScoreOptions, contents, valid, write, error, done, status=lambda text: None) -> bool:
     """Judge every pending image of each prompt group, one image a call; refresh the
     diversity share of rows whose group changed. True when rows were refreshed in place."""
     scorer = GenerationScorer(backbone, samples=options.samples, seed=options.seed)
@@ -510,6 +519,7 @@ def _score_generations(backbone, output: ScoreOutput, options: ScoreOptions, con
     for entry in output.discovery.entries:
         groups.setdefault(entry.group, []).append(entry)
     refreshed = False
+    decomposed, to_decompose = 0, sum(_needs_proposer(members[0], output.user_questions, options) and not all(valid(e) for e in members) for members in groups.values())
     for members in groups.values():
         candidates = [e for e in members if not e.problem]  # every candidate counts for diversity, scored or not
         group_input = hashlib.sha256(json.dumps(sorted(contents[e.key] or "" for e in candidates)).encode()).hexdigest()[:16]
@@ -538,7 +548,11 @@ def _score_generations(backbone, output: ScoreOutput, options: ScoreOptions, con
                 error(entry, f"prompt too long: {len(entry.prompt)} characters (limit {options.max_prompt_chars}; --max-prompt-chars)")
                 continue
             if spec is None:
+                if _needs_proposer(entry, output.user_questions, options):
+                    decomposed += 1  # a model call with no row to show for it: say so
+                    status(f"Proposer decomposing prompt {decomposed}/{max(decomposed, to_decompose)}: {entry.prompt[:40]}")
                 spec = _spec_for(entry, output.user_questions, backbone, options)
+                status("")
             too_long = _too_long(spec[0], options.max_prompt_chars)
             if too_long:
                 error(entry, too_long)
