@@ -624,11 +624,12 @@ def _bar(progress: Progress):
 def bench_compare(
     before: Path = typer.Argument(..., help="results.json of the first run (or its folder), e.g. the base model."),
     after: Path = typer.Argument(..., help="results.json of the second run (or its folder), e.g. after `asgkit train`."),
+    allow_different: bool = typer.Option(False, "--allow-different", help="Show the comparison even when the runs measured with different settings (question counts, images per prompt, seeds, ...), under a warning."),
 ) -> None:
-    """Two benchmark runs side by side with their change, beside the published base -> ASG change."""
+    """Two benchmark runs side by side with their change, beside the published base -> ASG change. Runs measured with different settings are refused (see --allow-different)."""
     import json
 
-    from asg_kit.bench.run import compare
+    from asg_kit.bench.run import compare, comparison_problems
 
     loaded = []
     for path in (before, after):
@@ -638,6 +639,14 @@ def bench_compare(
         except (OSError, ValueError) as error:
             errors.print(f"[red]error:[/red] cannot read {escape(str(path))}: {escape(str(error))}", highlight=False)
             raise typer.Exit(2)
+    differences, unknowns = comparison_problems(*loaded)
+    if differences and not allow_different:
+        errors.print(f"[red]error:[/red] the two runs did not measure the same thing ({escape('; '.join(differences))}); run both with the same settings, or pass --allow-different", highlight=False)
+        raise typer.Exit(2)
+    if differences:
+        errors.print(f"[bold yellow]WARNING: not like with like, the changes below mix in setting changes:[/bold yellow] {escape('; '.join(differences))}", highlight=False)
+    if unknowns:
+        errors.print(f"[yellow]warning: cannot check that these tasks were measured alike:[/yellow] {escape(', '.join(unknowns))}", highlight=False)
     table = Table(title=f"{before} -> {after}")
     for column in ("metric", "before", "after", "change", "published base", "published ASG", "published change"):
         table.add_column(column, justify="left" if column == "metric" else "right")

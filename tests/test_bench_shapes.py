@@ -111,3 +111,31 @@ def test_compare_sets_two_runs_beside_the_published_change(tmp_path):
     assert shown.exit_code == 0 and "+3.5" in shown.output and "+3.0" in shown.output
     missing = CliRunner().invoke(app, ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "cannot read" in missing.output
+
+
+def test_compare_refuses_runs_measured_differently(tmp_path):
+    run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path / "a"), per_kind=1))
+    run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path / "base"), per_kind=1, base=True))  # another model, same measurement
+    run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path / "b"), per_kind=2, seed=1))
+    runner = CliRunner()
+    alike = runner.invoke(app, ["bench", "compare", str(tmp_path / "base"), str(tmp_path / "a")], env={"COLUMNS": "200"})
+    assert alike.exit_code == 0 and "shapes-VQA" in alike.output and "WARNING" not in alike.output and "warning" not in alike.output
+    refused = runner.invoke(app, ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b")], env={"COLUMNS": "400"})
+    assert refused.exit_code == 2 and "Traceback" not in refused.output and len(refused.output.strip().splitlines()) == 1
+    assert "did not measure the same thing" in refused.output and "--allow-different" in refused.output
+    assert "questions per kind 1 vs 2" in refused.output and "seed 0 vs 1" in refused.output and "items measured 6 vs 12" in refused.output
+    shown = runner.invoke(app, ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--allow-different"], env={"COLUMNS": "400"})
+    assert shown.exit_code == 0 and "WARNING: not like with like" in shown.output and "seed 0 vs 1" in shown.output and "shapes-VQA" in shown.output
+
+
+def test_fresh_removes_the_previous_models_samples_and_grids(tmp_path):
+    out = tmp_path / "bench"
+    assert CliRunner().invoke(app, ["bench", "--out", str(out), *SMALL]).exit_code == 0
+    assert (out / "samples" / "shapes_geneval.jsonl").is_file() and (out / "shapes_geneval_grid.png").is_file()
+    (out / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["bench", "--out", str(out), "--tasks", "shapes_vqa", "--base", "--fresh", *SMALL])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["shapes_vqa.jsonl"]
+    assert not (out / "shapes_geneval_grid.png").exists() and (out / "notes.txt").read_text() == "mine"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"shapes_vqa"} and results["model"]["solver_role"] is None

@@ -30,6 +30,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "shapes": SHAPES_TASKS,
 }
 GENEVAL_MODES = ("portable", "official", "images")
+# What a run writes into OUT; --fresh removes these and nothing else.
+BENCH_FILES = ("results.json", "samples", "shapes_geneval_grid.png", "geneval", "lmms_eval.log")
 
 ProgressBar = Callable[[str, int], Callable[[int], None]]
 
@@ -175,6 +177,10 @@ def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda descriptio
     reference = config.reference or published.default_reference(config.backbone, config.model)
     if reference is not None and reference not in published.REFERENCES:
         raise ValueError(f"unknown reference {reference!r}; known: {', '.join(published.REFERENCES)}")
+    if config.fresh:  # the previous model's results, samples and grids go; nothing else in OUT is touched
+        for name in BENCH_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     results: dict = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv,
@@ -337,11 +343,21 @@ def score_geneval_folder(images: str | Path, config: BenchConfig, progress_bar: 
     check_device(config.device)
     check_output_folder("--out", config.out)
     out = Path(config.out)
-    entry, _ = score_geneval(Path(images), config, out / "results.jsonl", config.device or default_device() or "cpu", progress_bar, log)
+    entry, _ = score_geneval(Path(images), config, out / "results.jsonl", default_device(config.device) or "cpu", progress_bar, log)
+    # Drawn elsewhere, so only what the folder shows is recorded: its prompts and images per prompt.
+    prompts = len({path.parent.parent for path, _ in geneval_layout(Path(images))})
+    per_prompt = entry["samples"] / prompts if prompts else None
+    entry.update(prompts=prompts, settings={"mode": config.geneval_mode, "images": int(per_prompt) if per_prompt and per_prompt.is_integer() else per_prompt})
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "config": asdict(config), "environment": environment(),
                "reference": config.reference, "tasks": {"geneval": entry}}  # fmt: skip
     write_json_atomic(out / "results.json", results)
     return results
+
+
+def geneval_layout(images: Path):
+    from asg_kit.bench import geneval
+
+    return geneval.layout_images(images)
 
 
 def _device(backbone) -> str:
@@ -366,6 +382,32 @@ def beside_published(results: dict) -> list[dict]:
         base, asg = _published(reference, label)
         rows.append({"metric": label, "measured": value, "published_base": base, "published_asg": asg})
     return rows
+
+
+# Settings that name the model (what a comparison compares) or where data lives (the same
+# data may sit elsewhere); every other recorded setting must match for a like-with-like comparison.
+NOT_COMPARED = ("backbone", "model", "roles", "base", "data_dir", "geneval")
+SETTING_NAMES = {"per_kind": "questions per kind", "per_category": "prompts per category", "images": "images per prompt",
+                 "limit": "--limit", "samples": "items measured", "prompts": "prompts", "gen_kwargs": "generation arguments"}  # fmt: skip
+
+
+def comparison_problems(before: dict, after: dict) -> tuple[list[str], list[str]]:
+    """Why two runs' numbers are not like with like: (differences, unknowns). Differences
+    are settings or counts of a task in both runs that differ (question counts, images per
+    prompt, seeds, guidance, GenEval mode, ...); unknowns are tasks whose settings one run
+    did not record."""
+    differences, unknowns = [], []
+    for task in [t for t in before.get("tasks", {}) if t in after.get("tasks", {})]:
+        first, second = before["tasks"][task], after["tasks"][task]
+        if "settings" not in first or "settings" not in second:
+            unknowns.append(f"{task} (settings not recorded in the {'first' if 'settings' not in first else 'second'} run)")
+            continue
+        a = {**first["settings"], **{k: first.get(k) for k in ("samples", "prompts") if first.get(k) is not None}}
+        b = {**second["settings"], **{k: second.get(k) for k in ("samples", "prompts") if second.get(k) is not None}}
+        changed = [f"{SETTING_NAMES.get(k, k)} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if k not in NOT_COMPARED and a.get(k) != b.get(k)]
+        if changed:
+            differences.append(f"{task}: {', '.join(changed)}")
+    return differences, unknowns
 
 
 def compare(before: dict, after: dict) -> list[dict]:
