@@ -55,3 +55,25 @@ def test_device_and_dtype_options_say_their_defaults(command):
 def test_check_refuses_a_missing_gpu_in_one_line():
     result = CliRunner().invoke(app, ["check", "--device", "cuda"])
     assert result.exit_code == 2 and "no CUDA GPU" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.janus
+def test_train_runs_in_the_asked_dtype_on_the_asked_device(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from asg_kit.micro.pool import write_pool
+    from asg_kit.train.loop import TrainConfig, train
+
+    write_pool(3, tmp_path / "pool", seed=0)
+    config = TrainConfig(images=str(tmp_path / "pool"), out=str(tmp_path / "run"), steps=3, lr=1e-3, seed=3, checkpoint_every=3, solver_max_new_tokens=4,
+                         proposer_max_new_tokens=6, generation_per_cycle=0, device="cpu", dtype="bfloat16")  # fmt: skip
+    train(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("proposer_skip") is None and "proposer_loss" in r for r in rows)  # an update ran in bfloat16
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["device"] == "cpu" and saved["dtype"] == "bfloat16"
+    weights = load_file(tmp_path / "run" / "checkpoint" / "roles" / "proposer" / "adapter_model.safetensors")
+    # peft keeps the adapters in float32 over a bfloat16 base (its autocast_adapter_dtype), as they train best
+    assert weights and all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in weights.values())
