@@ -262,7 +262,7 @@ def train(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = default_device(config.device)  # under torchrun: this rank's LOCAL_RANK GPU
-    if device and device.startswith("cuda"):
+    if device and device.startswith("cuda") and torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))  # nccl's collectives run on the current device
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(process_group_backend(device))
