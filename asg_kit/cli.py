@@ -473,5 +473,25 @@ def bench_save_data(
         console.print(f"{task} -> {target}")
 
 
+@app.command("report")
+def report(
+    rows: Path = typer.Argument(..., help="A score output (JSONL) written by `asgkit score` or `asgkit score --difficulty`."),
+    folder: Optional[Path] = typer.Option(None, help="The scored image folder (default: the output's own folder, where `asgkit score` writes by default)."),
+    out: Optional[Path] = typer.Option(None, help="The HTML file to write (default: ROWS with .html)."),
+) -> None:
+    """Write one self-contained HTML page of a score output: thumbnails, prompts, questions, Solver answers, captions, R_G and its parts, sortable by any column; opens from disk in a browser, no server, no network."""
+    from asg_kit.jsonl import JsonlError
+    from asg_kit.report import write_score_report
+
+    if not rows.is_file():
+        errors.print(f"[red]error:[/red] {escape(str(rows))} is not a file; pass the JSONL written by `asgkit score`", highlight=False)
+        raise typer.Exit(2)
+    try:
+        written = write_score_report(rows, folder or rows.parent, out)
+    except (JsonlError, OSError) as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
+    console.print(f"report: {written}")
+
 if __name__ == "__main__":
     app()
