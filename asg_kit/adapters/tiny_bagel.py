@@ -99,7 +99,7 @@ def write_tiny_tokenizer(folder: Path, bagel, merges: int = 400) -> None:
     }))  # fmt: skip
 
 
-def write_tiny_bagel(folder: str | Path, upstream: str | Path | None = None, size: TinyBagelSize = TinyBagelSize(), seed: int = 0) -> Path:
+def save_tiny_bagel(folder: str | Path, upstream: str | Path | None = None, size: TinyBagelSize = TinyBagelSize(), seed: int = 0) -> Path:
     """Write a tiny random BAGEL to ``folder`` (created) and return it."""
     import torch
     from safetensors.torch import save_file
