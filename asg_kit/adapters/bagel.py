@@ -38,8 +38,10 @@ from asg_kit.adapters.base import (
     AnswerRequest,
     FlowRollout,
     GeneratedImages,
+    ImageRollout,
     LoraSettings,
     NoisedLatents,
+    NonFiniteLogits,
     TextSample,
     TokenScores,
 )
@@ -313,6 +315,7 @@ class BagelAdapter:
         model: str | Path,
         upstream: str | Path | None = None,
         device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
         image_size: int | None = None,
         num_timesteps: int | None = None,
         **options,
@@ -320,7 +323,8 @@ class BagelAdapter:
         """Load a BAGEL checkpoint folder in the released layout (``llm_config.json``,
         ``vit_config.json``, ``ae.safetensors``, ``ema.safetensors``, Qwen2 tokenizer
         files) the way upstream's app.py does: configs with its three overrides, the model
-        built empty and filled by accelerate in bfloat16, the VAE in float32.
+        built empty and filled by accelerate in ``dtype`` (upstream: bfloat16, the default),
+        the VAE in float32, every call under bfloat16 autocast as upstream runs it.
         ``image_size`` / ``num_timesteps`` override the sampler's defaults."""
         import accelerate
         from safetensors.torch import load_file
@@ -335,6 +339,7 @@ class BagelAdapter:
         bagel = import_bagel(upstream)
         settings = BagelSettings.read(folder, image_size=image_size, num_timesteps=num_timesteps)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.bfloat16)
 
         vae_params = bagel.AutoEncoderParams(**settings.autoencoder)
         vae = bagel.AutoEncoder(vae_params)
@@ -343,12 +348,14 @@ class BagelAdapter:
         with accelerate.init_empty_weights():
             network = build_network(bagel, folder, settings, meta=True)
         network = accelerate.load_checkpoint_and_dispatch(
-            network, checkpoint=str(folder / "ema.safetensors"), device_map={"": str(device)}, dtype=torch.bfloat16
+            network, checkpoint=str(folder / "ema.safetensors"), device_map={"": str(device)}, dtype=dtype
         ).eval()
 
         tokenizer = bagel.Qwen2Tokenizer.from_pretrained(str(folder))
         tokenizer, token_ids, _ = bagel.data_utils.add_special_tokens(tokenizer)
-        return cls(network, vae, tokenizer, token_ids, settings, bagel, **options)
+        adapter = cls(network, vae, tokenizer, token_ids, settings, bagel, **options)
+        adapter.checkpoint_folder = folder
+        return adapter
 
     def _add_roles(self, lora: LoraSettings, roles: tuple[str, ...]) -> None:
         from peft import LoraConfig, get_peft_model
@@ -742,6 +749,8 @@ class BagelAdapter:
             if guidance[i] > 1.0:
                 plain = core._forward_flow(x_t=x, timestep=t, cfg_text_scale=1.0, **branch["unconditional"])
                 velocity = torch.cat([self._guided(c, u, float(guidance[i])) for c, u in zip(velocity.split(tokens), plain.split(tokens))])
+            if not torch.isfinite(velocity).all():
+                raise NonFiniteLogits("NaN or inf in the velocity while sampling")
             x = x - velocity * (grid[i] - grid[i + 1]).to(self.device)  # velocity points from data to noise
             states.append(x)
         return torch.stack([state.float().reshape(n, tokens, -1) for state in states], 1).cpu()
@@ -788,6 +797,20 @@ class BagelAdapter:
             hidden = batch.hidden()
             velocity = self.model_core.llm2vae(hidden[torch.tensor(batch.latent_indexes, device=self.device)]).float()
         return velocity.reshape(noisy.shape)
+
+    def generation_logprobs(self, rollout: ImageRollout) -> torch.Tensor:
+        raise NotImplementedError(
+            "BAGEL draws images by rectified flow (an ODE): there are no image-token log-probs; "
+            "its Generator update uses noised_latents() and velocities()"
+        )
+
+    def weightless_base(self):
+        """A copy of the base model without weights (meta device), as peft loads role
+        folders onto: ``Bagel`` needs its sub-models and config, not a config alone."""
+        import accelerate
+
+        with accelerate.init_empty_weights():
+            return build_network(self.upstream, self.checkpoint_folder, self.settings, meta=True)
 
     def generator_loss(self, rollout: FlowRollout) -> torch.Tensor:
         """The Generator objective with unit weights: the flow-matching error of every
