@@ -22,8 +22,10 @@ Generation step:
      (alignment >= 0.55).
   3. The Generator draws L=3 candidates; the Solver scores each (QA fidelity, cycle
      caption, diversity, contradiction) into R_G.
-  4. Generator update by the backbone's paradigm: for "ar_tokens", clipped GRPO over the
-     image tokens (advantages z-scored over the candidates; skipped when they tie).
+  4. Generator update by the backbone's paradigm (advantages z-scored over the candidates;
+     skipped when they tie): for "ar_tokens", clipped GRPO over the image tokens; for
+     "rectified_flow", advantage-weighted flow matching on each candidate's latent plus
+     beta times the MSE between policy and reference velocities.
 
 After each step the KL coefficient adapts. A NaN or inf anywhere in an update skips it
 with a logged reason before it reaches the weights. Checkpoints (role adapters as
@@ -65,11 +67,14 @@ from asg_kit.rewards.scorers import GenerationScorer, QAFidelityScorer, ask_scre
 from asg_kit.train.losses import (
     AdaptiveKL,
     EMABaseline,
+    advantage_weighted_flow_loss,
     clipped_surrogate,
+    flow_matching_error,
     full_kl,
     group_advantages,
     masked_mean,
     max_normalized_advantages,
+    velocity_drift,
 )
 
 
@@ -152,8 +157,8 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
     backbone = load_backbone(config.backbone, model=config.model, **({"upstream": config.upstream} if config.upstream else {}))
-    if backbone.generation_paradigm != "ar_tokens" and config.generation_per_cycle:
-        raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone; only 'ar_tokens' is built")
+    if backbone.generation_paradigm not in ("ar_tokens", "rectified_flow") and config.generation_per_cycle:
+        raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone; 'ar_tokens' and 'rectified_flow' are built")
     pool = list_pool(config.images)
     optimizers = {
         role: torch.optim.AdamW(backbone.trainable_parameters(role), lr=config.lr, weight_decay=config.weight_decay)
@@ -334,6 +339,21 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
                 advantages = group_advantages(rewards) if all(math.isfinite(r) for r in rewards) else None
                 if advantages is None:
                     reason = "candidates tie (no preference)" if all(math.isfinite(r) for r in rewards) else "non-finite reward"
+                elif backbone.generation_paradigm == "rectified_flow":
+                    # 4. Advantage-weighted flow matching on each candidate's latent (fresh noise,
+                    # seeded after the rollout's) plus beta * MSE to the reference velocity.
+                    noised = backbone.noised_latents(drawn.rollout, seed=seed + len(rewards))
+                    training_mode(True)
+                    with backbone.role("generator"):
+                        velocity = backbone.velocities(drawn.rollout, noised.noisy, noised.timesteps)
+                    training_mode(False)
+                    with torch.no_grad(), backbone.role(None):
+                        reference = backbone.velocities(drawn.rollout, noised.noisy, noised.timesteps)
+                    error = flow_matching_error(velocity, noised.target.to(velocity.device))
+                    drift = velocity_drift(velocity, reference)
+                    kl_measured = drift.mean().item()
+                    loss = advantage_weighted_flow_loss(torch.tensor(advantages), error, drift, kl_control.beta)
+                    row.update(generator_loss=loss.item(), kl=kl_measured, flow_matching=error.tolist())
                 else:
                     # 4. Clipped GRPO over the image tokens, ratio against the reference.
                     training_mode(True)

@@ -80,3 +80,25 @@ class AdaptiveKL:
         if math.isfinite(kl):
             self.beta = min(self.high, max(self.low, self.beta * math.exp(self.rate * (kl - self.target) / self.target)))
         return self.beta
+
+
+def flow_matching_error(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample flow-matching error ``mean_{tokens, channels} (v_theta - (eps - x_0))^2``
+    of (samples, ...) velocities against their targets: (samples,)."""
+    return ((velocity.float() - target.float()) ** 2).flatten(1).mean(-1)
+
+
+def velocity_drift(velocity: torch.Tensor, reference_velocity: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``mean (v_theta - v_ref)^2`` against the reference (adapters off, no
+    gradient): the rectified-flow update's stand-in for the KL to the reference, (samples,)."""
+    return ((velocity.float() - reference_velocity.detach().float()) ** 2).flatten(1).mean(-1)
+
+
+def advantage_weighted_flow_loss(advantage: torch.Tensor, error: torch.Tensor, drift: torch.Tensor, beta: float) -> torch.Tensor:
+    """The published BAGEL Generator update over L candidates:
+    ``(1/L) sum_k [A_k * FM_k + beta * D_k]`` with ``FM_k`` the flow-matching error of
+    candidate k, ``D_k`` its velocity drift from the reference and ``A_k`` its z-scored
+    advantage. A positive advantage pulls the flow toward the candidate, a negative one
+    pushes it away; the drift term keeps both near the base model."""
+    advantage = advantage.to(error.device, error.dtype)
+    return (advantage * error + beta * drift).mean()

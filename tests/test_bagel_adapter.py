@@ -1,0 +1,226 @@
+"""BAGEL on a tiny random-weight instance of the real upstream classes, written as a
+checkpoint folder in the released layout and loaded through the adapter's real path.
+
+Needs the BAGEL environment (``pip install -e '.[bagel]'``) and ``$ASGKIT_UPSTREAM/Bagel``;
+the flow-loss math at the top runs everywhere."""
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from asg_kit.train.losses import advantage_weighted_flow_loss, flow_matching_error, velocity_drift
+
+# ---- the rectified-flow update's pieces, by hand -----------------------------------------
+
+
+def test_flow_matching_error_and_drift_by_hand():
+    velocity = torch.tensor([[[1.0, 2.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]], requires_grad=True)
+    target = torch.tensor([[[0.0, 0.0], [0.0, 2.0]], [[1.0, 1.0], [1.0, 3.0]]])
+    # sample 0: (1 + 4 + 0 + 4) / 4 = 2.25; sample 1: (0 + 0 + 0 + 4) / 4 = 1
+    assert flow_matching_error(velocity, target).tolist() == pytest.approx([2.25, 1.0])
+    reference = torch.ones(2, 2, 2, requires_grad=True)
+    # sample 0: (0 + 1 + 1 + 1) / 4 = 0.75; sample 1: 0
+    drift = velocity_drift(velocity, reference)
+    assert drift.tolist() == pytest.approx([0.75, 0.0])
+    drift.sum().backward()
+    assert reference.grad is None  # the reference is a constant
+
+
+def test_advantage_weighted_flow_loss_by_hand():
+    advantage = torch.tensor([1.224745, 0.0, -1.224745])  # z-scored rewards (1, 2, 3) reversed
+    error = torch.tensor([0.5, 1.0, 2.0], requires_grad=True)
+    drift = torch.tensor([0.1, 0.2, 0.3])
+    loss = advantage_weighted_flow_loss(advantage, error, drift, beta=0.5)
+    # (1.224745 * 0.5 + 0 - 1.224745 * 2 + 0.5 * 0.6) / 3
+    assert loss.item() == pytest.approx((1.224745 * 0.5 - 1.224745 * 2.0 + 0.3) / 3)
+    loss.backward()
+    # d loss / d FM_k = A_k / L: a good candidate's error is pushed down, a bad one's up
+    assert error.grad.tolist() == pytest.approx([1.224745 / 3, 0.0, -1.224745 / 3])
+
+
+# ---- the adapter on a tiny BAGEL -------------------------------------------------------
+
+
+def _bagel_environment() -> str | None:
+    """Why the BAGEL tests cannot run here, or None."""
+    root = os.environ.get("ASGKIT_UPSTREAM")
+    if not root:
+        return "set ASGKIT_UPSTREAM to a folder holding Bagel/ (CI: ../shared/upstream)"
+    if not (Path(root) / "Bagel" / "modeling" / "bagel" / "bagel.py").is_file():
+        return f"no BAGEL checkout in $ASGKIT_UPSTREAM/Bagel ({root})"
+    missing = [m for m in ("einops", "accelerate", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"the BAGEL environment is missing {', '.join(missing)} (pip install -e '.[bagel]')"
+    return None
+
+
+def needs_bagel(test):
+    return pytest.mark.bagel(pytest.mark.skipif(_bagel_environment() is not None, reason=_bagel_environment() or "")(test))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    if _bagel_environment():
+        pytest.skip(_bagel_environment())
+    from asg_kit.adapters.tiny_bagel import save_tiny_bagel
+
+    torch.set_num_threads(1)
+    return save_tiny_bagel(tmp_path_factory.mktemp("bagel") / "tiny", upstream=os.environ["ASGKIT_UPSTREAM"])
+
+
+@pytest.fixture(scope="module")
+def bagel(tiny_folder):
+    from asg_kit.adapters.registry import load_backbone
+
+    adapter = load_backbone("bagel", model=str(tiny_folder))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA starts as the identity (B = 0): give every role its own weights
+        for role in adapter.roles:
+            for parameter in adapter.trainable_parameters(role):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return adapter
+
+
+def _image(seed: int):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    pixels[10:30, 12:30] = (220, 30, 30)
+    return Image.fromarray(pixels)
+
+
+@needs_bagel
+def test_checkpoint_folder_has_the_released_layout(tiny_folder):
+    names = {p.name for p in tiny_folder.iterdir()}
+    assert {"llm_config.json", "vit_config.json", "ae.safetensors", "ema.safetensors", "vocab.json", "merges.txt"} <= names
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
+
+
+@needs_bagel
+def test_asgkit_check_passes_on_the_tiny_bagel(tmp_path):
+    from typer.testing import CliRunner
+
+    from asg_kit.cli import app
+
+    report = tmp_path / "check.json"
+    result = CliRunner().invoke(app, ["check", "--backbone", "bagel", "--tiny", "--upstream", os.environ["ASGKIT_UPSTREAM"], "--json", str(report)])
+    checks = json.loads(report.read_text())["checks"]
+    assert result.exit_code == 0, [c for c in checks if not c["passed"]]
+    assert {"behaviour_logprobs", "generator_objective_reaches_every_target", "peft_loading"} <= {c["name"] for c in checks}
+
+
+@needs_bagel
+def test_sampled_logprobs_equal_teacher_forced_ones(bagel):
+    from asg_kit.adapters.base import AnswerRequest
+
+    image = _image(1)
+    requests = [AnswerRequest(image, "what color is the square ?", temperature=1.0, seed=3),
+                AnswerRequest(image, "how many shapes are there ?", temperature=0.0),
+                AnswerRequest(_image(2), "describe the image .", temperature=1.5, top_p=0.9, seed=4),
+                AnswerRequest(None, "a red circle", temperature=1.0, seed=5)]  # fmt: skip
+    with bagel.role("solver"):
+        samples = bagel.sample_answers(requests, max_new_tokens=8)
+        scored = bagel.score_completions(requests, [s.token_ids for s in samples])
+        shifted = bagel.score_completions([AnswerRequest(image, "a different prompt")], [samples[0].token_ids])
+    for row, sample in enumerate(samples):
+        n = len(sample.token_ids)
+        forced = scored.logprobs[row, :n].detach()
+        if requests[row].temperature == 1.0 or requests[row].temperature <= 0:  # behaviour = policy at temperature 1
+            assert torch.allclose(forced, sample.logprobs, atol=0.05), (row, forced, sample.logprobs)
+        assert torch.allclose(scored.entropies[row, :n], sample.entropies, atol=0.05)
+        assert bool(scored.mask[row, :n].all()) and not bool(scored.mask[row, n:].any())
+    # negative control: the same tokens after another prompt score differently
+    n = len(samples[0].token_ids)
+    assert (shifted.logprobs[0, :n].detach() - scored.logprobs[0, :n].detach()).abs().max() > 0.05
+
+
+@needs_bagel
+def test_images_per_prompt_reproducible_by_seed_and_batch_free(bagel):
+    with bagel.role("generator"):
+        first = bagel.generate_images(["a red circle", "a blue square"], n=2, guidance_scale=4.0, seed=11)
+        again = bagel.generate_images(["a red circle", "a blue square"], n=2, guidance_scale=4.0, seed=11)
+        alone = bagel.generate_images(["a blue square"], n=1, guidance_scale=4.0, seed=11 + 2 + 1)
+        other = bagel.generate_images(["a red circle"], n=2, guidance_scale=4.0, seed=12)
+    rollout = first.rollout
+    steps = bagel.settings.num_timesteps - 1
+    assert [len(row) for row in first.images] == [2, 2] and first.images[0][0].size == (32, 32)
+    assert rollout.latents.shape[:2] == (4, steps + 1) and rollout.timesteps.shape == (steps + 1,)
+    assert rollout.prompt_index == [0, 0, 1, 1] and rollout.seeds == [11, 12, 13, 14]
+    # the trajectory starts from our seeded noise and ends at the generated latent
+    assert torch.equal(rollout.latents[0, 0], torch.randn(rollout.latents.shape[2:], generator=torch.Generator().manual_seed(11)))
+    assert torch.equal(rollout.latents, again.rollout.latents)
+    assert not torch.equal(rollout.latents[:2], other.rollout.latents)
+    # row 1 of prompt 1, drawn in a batch of 2, equals that image drawn alone (bf16 compute)
+    assert (rollout.latents[3] - alone.rollout.latents[0]).abs().max() < 2e-2
+    assert float(rollout.guidance.max()) == 4.0
+
+
+@needs_bagel
+def test_flow_update_moves_only_the_generator(bagel):
+    """The loop's rectified-flow branch on the adapter: fresh noise, policy and reference
+    velocities, the weighted loss; one AdamW step changes the Generator's LoRA only."""
+    from asg_kit.train.losses import group_advantages
+
+    with bagel.role("generator"):
+        drawn = bagel.generate_images(["a red circle"], n=3, guidance_scale=4.0, seed=5)
+    noised = bagel.noised_latents(drawn.rollout, seed=8)
+    assert torch.allclose(noised.noisy, (1 - noised.timesteps[:, None, None]) * drawn.rollout.latents[:, -1] + noised.timesteps[:, None, None] * (noised.target + drawn.rollout.latents[:, -1]), atol=1e-5)
+    params = {role: bagel.trainable_parameters(role) for role in bagel.roles}
+    before = {role: [p.detach().clone() for p in ps] for role, ps in params.items()}
+    optimizer = torch.optim.AdamW(params["generator"], lr=1e-2)
+    bagel.model.train(True)
+    with bagel.role("generator"):
+        velocity = bagel.velocities(drawn.rollout, noised.noisy, noised.timesteps)
+    bagel.model.train(False)
+    with torch.no_grad(), bagel.role(None):
+        reference = bagel.velocities(drawn.rollout, noised.noisy, noised.timesteps)
+    advantages = torch.tensor(group_advantages([0.2, 0.9, 0.4]))
+    loss = advantage_weighted_flow_loss(advantages, flow_matching_error(velocity, noised.target), velocity_drift(velocity, reference), 0.01)
+    assert math.isfinite(loss.item()) and velocity_drift(velocity, reference).max() > 0  # perturbed LoRA: policy != reference
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    moved = {role: max(float((p.detach() - q).abs().max()) for p, q in zip(params[role], before[role])) for role in bagel.roles}
+    assert moved["generator"] > 0 and moved["proposer"] == 0 and moved["solver"] == 0
+    with torch.no_grad():
+        for p, q in zip(params["generator"], before["generator"]):
+            p.copy_(q)
+
+
+@needs_bagel
+def test_asgkit_train_runs_cycles_and_resumes_exactly(tiny_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from asg_kit.cli import app
+    from asg_kit.micro.pool import write_pool
+
+    write_pool(4, tmp_path / "pool", seed=0)
+    common = ["--backbone", "bagel", "--model", str(tiny_folder), "--upstream", os.environ["ASGKIT_UPSTREAM"], "--images", str(tmp_path / "pool"),
+              "--solver-max-new-tokens", "6", "--proposer-max-new-tokens", "12", "--lr", "1e-3"]  # fmt: skip
+    runner = CliRunner()
+    straight = runner.invoke(app, ["train", *common, "--steps", "6", "--out", str(tmp_path / "a"), "--checkpoint-every", "3"])
+    assert straight.exit_code == 0, straight.output
+    first = runner.invoke(app, ["train", *common, "--steps", "3", "--out", str(tmp_path / "b"), "--checkpoint-every", "3"])
+    assert first.exit_code == 0, first.output
+    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "b"), "--steps", "6"])
+    assert resumed.exit_code == 0, resumed.output
+
+    def rows(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = rows("a"), rows("b")
+    assert [r["kind"] for r in a] == ["understanding"] * 3 + ["generation"] * 2 + ["understanding"]
+    drop = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
+    assert [drop(r) for r in a] == [drop(r) for r in b]
+    from safetensors.torch import load_file
+
+    for role in ("proposer", "solver", "generator"):
+        wa = load_file(str(tmp_path / "a" / "checkpoint" / "roles" / role / "adapter_model.safetensors"))
+        wb = load_file(str(tmp_path / "b" / "checkpoint" / "roles" / role / "adapter_model.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
