@@ -193,16 +193,63 @@ def test_flow_update_moves_only_the_generator(bagel):
             p.copy_(q)
 
 
+SCENE = "draw : a red circle on a white background | what color is the circle ? red | what shape is it ? circle"
+
+
+@pytest.fixture(scope="module")
+def taught_folder(tiny_folder, tmp_path_factory):
+    """The tiny BAGEL with its base weights taught one scene (teacher-forced through the
+    adapter's packed forward): the Proposer writes SCENE as its spec and asks its first
+    question, the Solver answers the scene's questions, whatever the image. Its specs then
+    pass the loop's gates, so generation steps reach the Generator update."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from asg_kit import prompts
+    from asg_kit.adapters.base import AnswerRequest
+    from asg_kit.adapters.registry import load_backbone
+    from asg_kit.micro.pool import write_pool
+
+    folder = tmp_path_factory.mktemp("bagel") / "taught"
+    shutil.copytree(tiny_folder, folder)
+    adapter = load_backbone("bagel", model=str(folder), lora=None)
+    spec = prompts.parse_spec(SCENE)
+    lessons = [(prompts.PROPOSER_SPEC, SCENE), (prompts.PROPOSER_QUESTION, spec.qa[0].question)]
+    lessons += [(prompts.solver_prompt(pair.question), prompts.format_answer(pair.expected)) for pair in spec.qa]
+    from PIL import Image
+
+    pool = write_pool(4, tmp_path_factory.mktemp("bagel") / "pool", seed=0)  # the training run's pool
+    images = [Image.open(path).convert("RGB") for path in pool]
+    requests = [AnswerRequest(image, prompt) for image in images for prompt, _ in lessons]
+    completions = [adapter.encode_completion(text) for _ in images for _, text in lessons]
+    parameters = [p for p in adapter.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=3e-3)
+    adapter.model.train(False)
+    for _ in range(100):
+        scored = adapter.score_completions(requests, completions)
+        loss = -(scored.logprobs.sum() / scored.mask.sum())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.02, loss.item()
+    with torch.no_grad():  # sharper: the loop samples specs at temperature 1 and answers at 1.3
+        adapter.model.language_model.lm_head.weight.mul_(4.0)
+    state = {k: (v.detach().to(torch.bfloat16) if v.is_floating_point() else v.detach()).contiguous() for k, v in adapter.model.state_dict().items()}
+    save_file(state, str(folder / "ema.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 @needs_bagel
-def test_asgkit_train_runs_cycles_and_resumes_exactly(tiny_folder, tmp_path):
+def test_asgkit_train_runs_cycles_and_resumes_exactly(taught_folder, tmp_path):
     from typer.testing import CliRunner
 
     from asg_kit.cli import app
     from asg_kit.micro.pool import write_pool
 
     write_pool(4, tmp_path / "pool", seed=0)
-    common = ["--backbone", "bagel", "--model", str(tiny_folder), "--upstream", os.environ["ASGKIT_UPSTREAM"], "--images", str(tmp_path / "pool"),
-              "--solver-max-new-tokens", "6", "--proposer-max-new-tokens", "12", "--lr", "1e-3"]  # fmt: skip
+    common = ["--backbone", "bagel", "--model", str(taught_folder), "--upstream", os.environ["ASGKIT_UPSTREAM"], "--images", str(tmp_path / "pool"),
+              "--solver-max-new-tokens", "8", "--proposer-max-new-tokens", "40", "--lr", "1e-5"]  # fmt: skip
     runner = CliRunner()
     straight = runner.invoke(app, ["train", *common, "--steps", "6", "--out", str(tmp_path / "a"), "--checkpoint-every", "3"])
     assert straight.exit_code == 0, straight.output
@@ -216,6 +263,9 @@ def test_asgkit_train_runs_cycles_and_resumes_exactly(tiny_folder, tmp_path):
 
     a, b = rows("a"), rows("b")
     assert [r["kind"] for r in a] == ["understanding"] * 3 + ["generation"] * 2 + ["understanding"]
+    generation = [r for r in a if r["kind"] == "generation"]
+    assert all(r["spec"] == SCENE and r["generator_skip"] is None for r in generation), [(r["spec"], r.get("alignment"), r["generator_skip"]) for r in generation]
+    assert all(math.isfinite(r["generator_loss"]) and len(r["flow_matching"]) == 3 for r in generation)
     drop = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
     assert [drop(r) for r in a] == [drop(r) for r in b]
     from safetensors.torch import load_file
@@ -224,3 +274,6 @@ def test_asgkit_train_runs_cycles_and_resumes_exactly(tiny_folder, tmp_path):
         wa = load_file(str(tmp_path / "a" / "checkpoint" / "roles" / role / "adapter_model.safetensors"))
         wb = load_file(str(tmp_path / "b" / "checkpoint" / "roles" / role / "adapter_model.safetensors"))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the Generator's LoRA (B starts at 0) moved: only generation steps update it
+    generator = load_file(str(tmp_path / "a" / "checkpoint" / "roles" / "generator" / "adapter_model.safetensors"))
+    assert max(float(v.abs().max()) for k, v in generator.items() if "lora_B" in k) > 0

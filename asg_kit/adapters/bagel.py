@@ -323,8 +323,9 @@ class BagelAdapter:
         """Load a BAGEL checkpoint folder in the released layout (``llm_config.json``,
         ``vit_config.json``, ``ae.safetensors``, ``ema.safetensors``, Qwen2 tokenizer
         files) the way upstream's app.py does: configs with its three overrides, the model
-        built empty and filled by accelerate in ``dtype`` (upstream: bfloat16, the default),
-        the VAE in float32, every call under bfloat16 autocast as upstream runs it.
+        built empty and filled by accelerate in bfloat16 (its code paths cast activations to
+        bfloat16 themselves, so ``dtype`` can be nothing else), the VAE in float32, every
+        call under bfloat16 autocast as upstream runs it.
         ``image_size`` / ``num_timesteps`` override the sampler's defaults."""
         import accelerate
         from safetensors.torch import load_file
@@ -340,6 +341,8 @@ class BagelAdapter:
         settings = BagelSettings.read(folder, image_size=image_size, num_timesteps=num_timesteps)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.bfloat16)
+        if dtype != torch.bfloat16:
+            raise ValueError(f"BAGEL's upstream code mixes bfloat16 into its own computations: its weights must be bfloat16, not {dtype}")
 
         vae_params = bagel.AutoEncoderParams(**settings.autoencoder)
         vae = bagel.AutoEncoder(vae_params)
