@@ -4,7 +4,6 @@ checkpoint folder in the released layout and loaded through the adapter's real p
 Needs the BAGEL environment (``pip install -e '.[bagel]'``) and ``$ASGKIT_UPSTREAM/Bagel``;
 the flow-loss math at the top runs everywhere."""
 
-import importlib.util
 import json
 import math
 import os
@@ -46,27 +45,11 @@ def test_advantage_weighted_flow_loss_by_hand():
 # ---- the adapter on a tiny BAGEL -------------------------------------------------------
 
 
-def _bagel_environment() -> str | None:
-    """Why the BAGEL tests cannot run here, or None."""
-    root = os.environ.get("ASGKIT_UPSTREAM")
-    if not root:
-        return "set ASGKIT_UPSTREAM to a folder holding Bagel/ (CI: ../shared/upstream)"
-    if not (Path(root) / "Bagel" / "modeling" / "bagel" / "bagel.py").is_file():
-        return f"no BAGEL checkout in $ASGKIT_UPSTREAM/Bagel ({root})"
-    missing = [m for m in ("einops", "accelerate", "peft") if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"the BAGEL environment is missing {', '.join(missing)} (pip install -e '.[bagel]')"
-    return None
-
-
-def needs_bagel(test):
-    return pytest.mark.bagel(pytest.mark.skipif(_bagel_environment() is not None, reason=_bagel_environment() or "")(test))
+needs_bagel = pytest.mark.bagel  # conftest skips it with one line outside the BAGEL environment
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    if _bagel_environment():
-        pytest.skip(_bagel_environment())
     from asg_kit.adapters.tiny_bagel import save_tiny_bagel
 
     torch.set_num_threads(1)

@@ -313,13 +313,7 @@ def import_bagel(upstream: str | os.PathLike | None = None) -> types.SimpleNames
     import transformers
 
     checkout = locate_upstream("bagel", upstream)
-    if install_flash_attn_fallback() and sys.modules["flash_attn"].__spec__ is None:
-        # transformers 4.x asks importlib.util.find_spec("flash_attn"), which raises for a
-        # module without a spec; with one it finds no installed distribution and keeps
-        # flash-attn marked unavailable, as it should.
-        import importlib.machinery
-
-        sys.modules["flash_attn"].__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    install_flash_attn_fallback()
     # BAGEL's top-level packages are named `data`, `modeling` and `inferencer`: a different
     # package of that name imported earlier would shadow the checkout, so say so.
     for name in ("data", "modeling"):
