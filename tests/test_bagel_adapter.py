@@ -260,3 +260,23 @@ def test_asgkit_train_runs_cycles_and_resumes_exactly(taught_folder, tmp_path):
     # the Generator's LoRA (B starts at 0) moved: only generation steps update it
     generator = load_file(str(tmp_path / "a" / "checkpoint" / "roles" / "generator" / "adapter_model.safetensors"))
     assert max(float(v.abs().max()) for k, v in generator.items() if "lora_B" in k) > 0
+
+
+@needs_bagel
+def test_asgkit_score_judges_the_example_folder_with_bagel(tiny_folder, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from asg_kit.cli import app
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "shapes_geneval"
+    for group in sorted(p for p in example.iterdir() if p.is_dir())[:2]:
+        shutil.copytree(group, tmp_path / "images" / group.name)
+    out = tmp_path / "scores.jsonl"
+    args = ["score", str(tmp_path / "images"), "--backbone", "bagel", "--model", str(tiny_folder), "--upstream", os.environ["ASGKIT_UPSTREAM"], "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    images = sorted(str(p.relative_to(tmp_path / "images")) for p in (tmp_path / "images").rglob("*.png"))
+    assert sorted(r["image"] for r in rows) == images and all(r["status"] == "scored" and math.isfinite(r["reward"]) for r in rows)
