@@ -23,6 +23,7 @@ the generation expert's (``*_moe_gen``) for the Generator.
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -339,7 +340,9 @@ class BagelAdapter:
             )
         bagel = import_bagel(upstream)
         settings = BagelSettings.read(folder, image_size=image_size, num_timesteps=num_timesteps)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None:  # under torchrun, each process on its own GPU
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.bfloat16)
         if dtype != torch.bfloat16:
             raise ValueError(f"BAGEL's upstream code mixes bfloat16 into its own computations: its weights must be bfloat16, not {dtype}")
