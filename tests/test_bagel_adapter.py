@@ -145,6 +145,30 @@ def test_images_per_prompt_reproducible_by_seed_and_batch_free(bagel):
 
 
 @needs_bagel
+def test_training_path_velocities_match_the_rollout(bagel):
+    """Without guidance each rollout step is x_{i+1} = x_i - v(x_i, t_i) dt: the packed
+    training forward must give back that inference-path velocity at the stored states."""
+    with bagel.role("generator"):
+        drawn = bagel.generate_images(["a red circle", "a blue square"], n=2, guidance_scale=1.0, seed=21)
+        rollout = drawn.rollout
+        grid = rollout.timesteps
+        worst, scale = 0.0, 0.0
+        for i in range(len(grid) - 1):
+            stepped = (rollout.latents[:, i] - rollout.latents[:, i + 1]) / (grid[i] - grid[i + 1])
+            with torch.no_grad():
+                recomputed = bagel.velocities(rollout, rollout.latents[:, i], grid[i].expand(rollout.latents.shape[0]))
+            worst = max(worst, float((recomputed - stepped).abs().max()))
+            scale = max(scale, float(stepped.abs().max()))
+        with torch.no_grad():  # negative control: another prompt's conditioning
+            swapped = rollout.prompt_ids[2:] + rollout.prompt_ids[:2]
+            rollout.prompt_ids = swapped
+            other = bagel.velocities(rollout, rollout.latents[:, 0], grid[0].expand(rollout.latents.shape[0]))
+    assert worst < 0.03 * scale, (worst, scale)  # bf16 compute on both paths
+    first = (rollout.latents[:, 0] - rollout.latents[:, 1]) / (grid[0] - grid[1])
+    assert float((other - first).abs().max()) > 0.1 * scale
+
+
+@needs_bagel
 def test_flow_update_moves_only_the_generator(bagel):
     """The loop's rectified-flow branch on the adapter: fresh noise, policy and reference
     velocities, the weighted loss; one AdamW step changes the Generator's LoRA only."""
