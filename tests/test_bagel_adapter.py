@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from asg_kit.train.losses import advantage_weighted_flow_loss, flow_matching_error, velocity_drift
+from asg_kit.train.losses import (
+    advantage_weighted_flow_loss,
+    flow_matching_error,
+    gaussian_logprob,
+    gaussian_mean_kl,
+    sde_step,
+    sde_transitions,
+    velocity_drift,
+)
 
 # ---- the rectified-flow update's pieces, by hand -----------------------------------------
 
@@ -40,6 +48,36 @@ def test_advantage_weighted_flow_loss_by_hand():
     loss.backward()
     # d loss / d FM_k = A_k / L: a good candidate's error is pushed down, a bad one's up
     assert error.grad.tolist() == pytest.approx([1.224745 / 3, 0.0, -1.224745 / 3])
+
+
+def test_sde_step_by_hand():
+    x, v = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]])
+    # x0 = x - t v = (0.75, 2.5); score = -(x - (1 - t) x0) / t^2 = (-2.5, -3.0)
+    # mean = x - (v - eta^2 / 2 * score) dt = (1 - 0.095, 2 + 0.046); std = 0.6 sqrt(0.1)
+    mean, std = sde_step(x, 0.5, 0.1, v, 0.6)
+    assert mean.tolist()[0] == pytest.approx([0.905, 2.046]) and float(std) == pytest.approx(0.6 * math.sqrt(0.1))
+    ode, zero = sde_step(x, 0.5, 0.1, v, 0.0)
+    assert ode.tolist()[0] == pytest.approx([0.95, 2.1]) and float(zero) == 0.0  # the Euler step
+
+
+def test_gaussian_logprob_transitions_and_kl_by_hand():
+    mean = torch.zeros(1, 2)
+    # at the mean: -log(std) - log(2 pi) / 2; one std away adds -1/2 (averaged over elements)
+    assert gaussian_logprob(mean, mean, 0.5).item() == pytest.approx(-math.log(0.5) - 0.5 * math.log(2 * math.pi))
+    assert gaussian_logprob(torch.tensor([[0.5, 0.0]]), mean, 0.5).item() == pytest.approx(-math.log(0.5) - 0.5 * math.log(2 * math.pi) - 0.25)
+    # a two-step trajectory drawn from the SDE scores the same step by step
+    latents, times, velocity = torch.zeros(1, 3, 2), torch.tensor([1.0, 0.6, 0.0]), torch.ones(1, 2, 2)
+    first, std0 = sde_step(latents[:, 0], 1.0, 0.4, velocity[:, 0], 0.5)
+    latents[:, 1] = first + std0 * torch.tensor([[0.3, -0.2]])
+    second, std1 = sde_step(latents[:, 1], 0.6, 0.6, velocity[:, 1], 0.5)
+    latents[:, 2] = second
+    logprob, means, stds = sde_transitions(latents, times, velocity, 0.5)
+    assert logprob.shape == (1, 2) and stds.tolist() == pytest.approx([float(std0), float(std1)])
+    assert logprob[0, 0].item() == pytest.approx(gaussian_logprob(latents[:, 1], first, std0).item())
+    assert torch.allclose(means[:, 1], second)
+    # KL of equal-std Gaussians: mean gap^2 / (2 std^2), element-averaged
+    kl = gaussian_mean_kl(torch.tensor([[[1.0, 3.0]]]), torch.tensor([[[0.0, 3.0]]]), torch.tensor([0.5]))
+    assert kl.item() == pytest.approx((1.0 / 2) / (2 * 0.25))
 
 
 # ---- the adapter on a tiny BAGEL -------------------------------------------------------
@@ -166,6 +204,32 @@ def test_training_path_velocities_match_the_rollout(bagel):
     assert worst < 0.03 * scale, (worst, scale)  # bf16 compute on both paths
     first = (rollout.latents[:, 0] - rollout.latents[:, 1]) / (grid[0] - grid[1])
     assert float((other - first).abs().max()) > 0.1 * scale
+
+
+@needs_bagel
+def test_guided_velocities_and_sde_rollouts(bagel):
+    """CFG recomputed on the training path gives back the guided ODE steps; SDE rollouts
+    are seeded, differ from the ODE, and their transitions score as Gaussians."""
+    with bagel.role("generator"):
+        ode = bagel.generate_images(["a red circle"], n=2, guidance_scale=4.0, seed=31).rollout
+        sde = bagel.generate_images(["a red circle"], n=2, guidance_scale=4.0, seed=31, noise_level=0.7).rollout
+        again = bagel.generate_images(["a red circle"], n=2, guidance_scale=4.0, seed=31, noise_level=0.7).rollout
+        with torch.no_grad():
+            guided = bagel.guided_velocities(ode)
+            sde_velocity = bagel.guided_velocities(sde)
+    grid = ode.timesteps
+    stepped = (ode.latents[:, :-1] - ode.latents[:, 1:]) / (grid[:-1] - grid[1:])[None, :, None, None]
+    assert float(ode.guidance.min()) > 1.0  # every step guided
+    assert float((guided - stepped).abs().max()) < 0.03 * float(stepped.abs().max())
+    assert torch.equal(sde.latents, again.latents) and torch.equal(sde.latents[:, 0], ode.latents[:, 0])
+    assert not torch.equal(sde.latents[:, -1], ode.latents[:, -1]) and sde.noise_level == 0.7
+    logprob, _, std = sde_transitions(sde.latents, sde.timesteps, sde_velocity, sde.noise_level)
+    # each recorded step is one Gaussian draw: its element-averaged log-density is near the
+    # expected -log(std) - log(2 pi)/2 - 1/2, far above that of an unrelated velocity
+    expected = -torch.log(std) - 0.5 * math.log(2 * math.pi) - 0.5
+    assert (logprob - expected).abs().max() < 0.5, (logprob, expected)
+    wrong, _, _ = sde_transitions(sde.latents, sde.timesteps, -sde_velocity, sde.noise_level)
+    assert bool((wrong < logprob - 1.0).all())
 
 
 @needs_bagel
@@ -304,3 +368,19 @@ def test_asgkit_score_judges_the_example_folder_with_bagel(tiny_folder, tmp_path
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     images = sorted(str(p.relative_to(tmp_path / "images")) for p in (tmp_path / "images").rglob("*.png"))
     assert sorted(r["image"] for r in rows) == images and all(r["status"] == "scored" and math.isfinite(r["reward"]) for r in rows)
+
+
+@needs_bagel
+def test_flow_grpo_option_updates_the_generator(taught_folder, tmp_path):
+    from asg_kit.micro.pool import write_pool
+    from asg_kit.train.loop import TrainConfig, train
+
+    write_pool(4, tmp_path / "pool", seed=0)
+    config = TrainConfig(backbone="bagel", model=str(taught_folder), upstream=os.environ["ASGKIT_UPSTREAM"], images=str(tmp_path / "pool"),
+                         out=str(tmp_path / "run"), steps=5, lr=1e-5, solver_max_new_tokens=8, proposer_max_new_tokens=40,
+                         spec_max_new_tokens=40, checkpoint_every=5, flow_update="flow_grpo")  # fmt: skip
+    train(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    generation = [r for r in rows if r["kind"] == "generation"]
+    assert len(generation) == 2 and all(r["generator_skip"] is None and math.isfinite(r["generator_loss"]) for r in generation), generation
+    assert all(r["kl"] >= 0 for r in generation)

@@ -49,6 +49,7 @@ from asg_kit.adapters.base import (
 from asg_kit.adapters.janus import _draw
 from asg_kit.adapters.upstream import bagel_autocast, import_bagel
 from asg_kit.rewards.entropy import token_entropy
+from asg_kit.train.losses import sde_step
 
 SETTINGS_FILE = "asgkit_bagel.json"
 CHECKPOINT_FILES = ("llm_config.json", "vit_config.json", "ae.safetensors", "ema.safetensors")
@@ -703,11 +704,14 @@ class BagelAdapter:
         return guided * (norm / (guided_norm + 1e-8)).clamp(min=self.settings.cfg_renorm_min, max=1.0)
 
     @torch.no_grad()
-    def generate_images(self, prompts: Sequence[str], n: int = 1, guidance_scale: float = 4.0, temperature: float = 1.0, seed: int = 0) -> GeneratedImages:
+    def generate_images(
+        self, prompts: Sequence[str], n: int = 1, guidance_scale: float = 4.0, temperature: float = 1.0, seed: int = 0, noise_level: float = 0.0
+    ) -> GeneratedImages:
         """``n`` images per prompt by the Euler ODE of ``generate_image``, the ``n`` rows of
         a prompt packed in one query per step (its prefill shared), text CFG per image inside
-        ``cfg_interval``. Row ``j`` of prompt ``p`` starts from noise seeded ``seed + p n + j``.
-        ``temperature`` has no meaning for the ODE sampler and is ignored."""
+        ``cfg_interval``. Row ``j`` of prompt ``p`` draws its noise from a stream seeded
+        ``seed + p n + j``. ``noise_level`` > 0 samples the SDE of Flow-GRPO instead (eta).
+        ``temperature`` has no meaning for a flow sampler and is ignored."""
         size = (self.settings.image_size, self.settings.image_size)
         grid = self._time_grid()
         low, high = self.settings.cfg_interval
@@ -716,7 +720,7 @@ class BagelAdapter:
         for p, prompt in enumerate(prompts):
             row_seeds = [seed + p * n + j for j in range(n)]
             with self._autocast():
-                trajectory = self._flow(prompt, size, n, grid, guidance, row_seeds)
+                trajectory = self._flow(prompt, size, n, grid, guidance, row_seeds, noise_level)
                 images.append(self._decode_latents(trajectory[:, -1], size))
             trajectories.append(trajectory)
             prompt_ids += [self.prompt_ids(prompt)] * n
@@ -724,11 +728,11 @@ class BagelAdapter:
             seeds += row_seeds
         rollout = FlowRollout(
             prompts=list(prompts), prompt_ids=prompt_ids, prompt_index=prompt_index, latents=torch.cat(trajectories),
-            timesteps=grid, guidance=guidance, guidance_scale=guidance_scale, image_size=size, seeds=seeds,
+            timesteps=grid, guidance=guidance, guidance_scale=guidance_scale, image_size=size, seeds=seeds, noise_level=noise_level,
         )  # fmt: skip
         return GeneratedImages(images, rollout)
 
-    def _flow(self, prompt: str, size: tuple[int, int], n: int, grid: torch.Tensor, guidance: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    def _flow(self, prompt: str, size: tuple[int, int], n: int, grid: torch.Tensor, guidance: torch.Tensor, seeds: Sequence[int], noise_level: float = 0.0) -> torch.Tensor:
         core = self.model_core
         core.language_model.model.enable_taylorseer = False  # generate_image sets it before calling _forward_flow
         conditional = self._repeat_context(self._prefill_prompts(self._new_context(1), [prompt]), n)
@@ -747,7 +751,8 @@ class BagelAdapter:
         branch = {name: self._on_device(args) for name, args in branch.items()}
         tokens = latent["packed_init_noises"].shape[0] // n
         width = latent["packed_init_noises"].shape[1]
-        x = torch.cat([torch.randn(tokens, width, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.device)
+        streams = [torch.Generator().manual_seed(s) for s in seeds]
+        x = torch.cat([torch.randn(tokens, width, generator=stream) for stream in streams]).to(self.device)
         states = [x]
         for i in range(len(grid) - 1):
             t = torch.full((x.shape[0],), float(grid[i]), device=self.device)
@@ -757,7 +762,11 @@ class BagelAdapter:
                 velocity = torch.cat([self._guided(c, u, float(guidance[i])) for c, u in zip(velocity.split(tokens), plain.split(tokens))])
             if not torch.isfinite(velocity).all():
                 raise NonFiniteLogits("NaN or inf in the velocity while sampling")
-            x = x - velocity * (grid[i] - grid[i + 1]).to(self.device)  # velocity points from data to noise
+            if noise_level > 0:
+                mean, std = sde_step(x, float(grid[i]), float(grid[i] - grid[i + 1]), velocity, noise_level)
+                x = mean + std.to(self.device) * torch.cat([torch.randn(tokens, width, generator=stream) for stream in streams]).to(self.device)
+            else:
+                x = x - velocity * (grid[i] - grid[i + 1]).to(self.device)  # velocity points from data to noise
             states.append(x)
         return torch.stack([state.float().reshape(n, tokens, -1) for state in states], 1).cpu()
 
@@ -803,6 +812,32 @@ class BagelAdapter:
             hidden = batch.hidden()
             velocity = self.model_core.llm2vae(hidden[torch.tensor(batch.latent_indexes, device=self.device)]).float()
         return velocity.reshape(noisy.shape)
+
+    def guided_velocities(self, rollout: FlowRollout) -> torch.Tensor:
+        """(rows, steps, tokens, channels): the velocity each rollout step applied, under
+        the active role, through the packed training forward: per row and step a conditional
+        sample ``[prompt][x_t]`` and, where the step was guided, an unconditional ``[x_t]``
+        (text CFG drops the prompt), combined as the sampler did. Differentiable."""
+        rows, steps = rollout.latents.shape[0], rollout.latents.shape[1] - 1
+        guided = [float(g) > 1.0 for g in rollout.guidance]
+        batch = PackedBatch(self)
+        for row in range(rows):
+            for i in range(steps):
+                for conditional in (True, False) if guided[i] else (True,):
+                    if conditional:
+                        batch.text(rollout.prompt_ids[row])
+                    batch.noisy_latent(rollout.latents[row, i], rollout.timesteps[i], rollout.image_size)
+                    batch.end_sample()
+        with self._packed_mode():
+            hidden = batch.hidden()
+            flat = self.model_core.llm2vae(hidden[torch.tensor(batch.latent_indexes, device=self.device)]).float()
+        images = iter(flat.split(rollout.latents.shape[2]))
+        velocities = []
+        for row in range(rows):
+            for i in range(steps):
+                velocity = next(images)
+                velocities.append(self._guided(velocity, next(images), float(rollout.guidance[i])) if guided[i] else velocity)
+        return torch.stack(velocities).reshape(rows, steps, *rollout.latents.shape[2:])
 
     def generation_logprobs(self, rollout: ImageRollout) -> torch.Tensor:
         raise NotImplementedError(

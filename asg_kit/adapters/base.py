@@ -101,7 +101,8 @@ class FlowRollout:
     ``timesteps`` (steps + 1 values from 1 = noise down to 0 = data): ``latents[:, 0]`` is
     the seeded initial noise, ``latents[:, -1]`` the generated latent. ``guidance`` (steps,)
     is the CFG scale each step applied (1 outside the guidance interval); ``image_size`` is
-    (height, width) in pixels."""
+    (height, width) in pixels. ``noise_level`` is the SDE's eta (0: the deterministic ODE),
+    each step then a Gaussian transition (``asg_kit.train.losses.sde_step``)."""
 
     prompts: list[str]
     prompt_ids: list[list[int]]
@@ -112,6 +113,7 @@ class FlowRollout:
     guidance_scale: float
     image_size: tuple[int, int]
     seeds: list[int] = field(default_factory=list)
+    noise_level: float = 0.0
 
 
 @dataclass
@@ -225,3 +227,8 @@ class FlowGenerator(Protocol):
     def noised_latents(self, rollout: FlowRollout, seed: int = 0) -> NoisedLatents: ...
 
     def velocities(self, rollout: FlowRollout, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+    def guided_velocities(self, rollout: FlowRollout) -> torch.Tensor:
+        """(rows, steps, tokens, channels): the velocity each rollout step applied (its
+        guidance included), recomputed under the active role, differentiable (Flow-GRPO)."""
+        ...

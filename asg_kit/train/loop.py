@@ -25,7 +25,8 @@ Generation step:
   4. Generator update by the backbone's paradigm (advantages z-scored over the candidates;
      skipped when they tie): for "ar_tokens", clipped GRPO over the image tokens; for
      "rectified_flow", advantage-weighted flow matching on each candidate's latent plus
-     beta times the MSE between policy and reference velocities.
+     beta times the MSE between policy and reference velocities (or, as an option,
+     Flow-GRPO over SDE rollouts).
 
 After each step the KL coefficient adapts. A NaN or inf anywhere in an update skips it
 with a logged reason before it reaches the weights. Checkpoints (role adapters as
@@ -71,9 +72,11 @@ from asg_kit.train.losses import (
     clipped_surrogate,
     flow_matching_error,
     full_kl,
+    gaussian_mean_kl,
     group_advantages,
     masked_mean,
     max_normalized_advantages,
+    sde_transitions,
     velocity_drift,
 )
 
@@ -115,6 +118,8 @@ class TrainConfig:
     spec_quality_min: float = 0.35
     use_cycle: bool = True  # False: R_G without the cycle-consistency term (ablation)
     clip_ratio: float = 0.2
+    flow_update: str = "flow_matching"  # "rectified_flow" Generator: or "flow_grpo" (SDE rollouts)
+    flow_noise_level: float = 0.7  # Flow-GRPO's SDE eta
     # KL to the reference
     beta: float = 0.01
     kl_target: float = 0.02
@@ -330,8 +335,9 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
             loss = None
             if reason is None:
                 # 3. Draw L candidates and score them.
+                sde = {"noise_level": config.flow_noise_level} if config.flow_update == "flow_grpo" else {}
                 with backbone.role("generator"):
-                    drawn = backbone.generate_images([spec.prompt], n=config.generator_candidates, guidance_scale=config.guidance_scale, seed=seed)
+                    drawn = backbone.generate_images([spec.prompt], n=config.generator_candidates, guidance_scale=config.guidance_scale, seed=seed, **sde)
                 scores = generation_scorer.score(spec, drawn.images[0])
                 rewards = [s.reward for s in scores]
                 row.update(generation_rewards=rewards, s_fid=[s.fidelity.s_fid for s in scores], s_div=[s.diversity for s in scores],
@@ -339,6 +345,24 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
                 advantages = group_advantages(rewards) if all(math.isfinite(r) for r in rewards) else None
                 if advantages is None:
                     reason = "candidates tie (no preference)" if all(math.isfinite(r) for r in rewards) else "non-finite reward"
+                elif backbone.generation_paradigm == "rectified_flow" and config.flow_update == "flow_grpo":
+                    # 4. Flow-GRPO: each SDE step a Gaussian whose mean the velocity sets; clipped
+                    # ratio to the rollout policy (recomputed on the training path, where the
+                    # update runs) and beta * KL to the reference's Gaussian.
+                    rollout = drawn.rollout
+                    training_mode(True)
+                    with backbone.role("generator"):
+                        logprob, mean, std = sde_transitions(rollout.latents, rollout.timesteps, backbone.guided_velocities(rollout), rollout.noise_level)
+                    training_mode(False)
+                    with torch.no_grad(), backbone.role("generator"):
+                        old_logprob = sde_transitions(rollout.latents, rollout.timesteps, backbone.guided_velocities(rollout), rollout.noise_level)[0]
+                    with torch.no_grad(), backbone.role(None):
+                        reference_mean = sde_transitions(rollout.latents, rollout.timesteps, backbone.guided_velocities(rollout), rollout.noise_level)[1]
+                    kl = gaussian_mean_kl(mean, reference_mean, std)
+                    surrogate = clipped_surrogate(torch.tensor(advantages)[:, None], logprob, old_logprob, config.clip_ratio)
+                    kl_measured = kl.mean().item()
+                    loss = surrogate.mean() + kl_control.beta * kl.mean()
+                    row.update(generator_loss=loss.item(), kl=kl_measured)
                 elif backbone.generation_paradigm == "rectified_flow":
                     # 4. Advantage-weighted flow matching on each candidate's latent (fresh noise,
                     # seeded after the rollout's) plus beta * MSE to the reference velocity.
