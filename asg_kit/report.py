@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections import defaultdict
 from pathlib import Path
 from statistics import fmean
@@ -200,10 +201,24 @@ def is_difficulty_output(rows: list[dict]) -> bool:
     return any("bucket" in row or "candidates" in row for row in rows)
 
 
-def write_score_report(rows_path: str | Path, folder: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
-    """Write the HTML page of the score output ``rows_path`` (images read from ``folder``)
-    atomically to ``out`` (default: beside the rows, ``.html``) and return its path."""
-    rows_path, folder = Path(rows_path), Path(folder)
+def scored_folder(rows_path: str | Path) -> Path:
+    """The image folder a score output was made from: its job record's, else the output's own folder."""
+    from asg_kit.score import job_path
+
+    record = job_path(Path(rows_path))
+    try:
+        folder = json.loads(record.read_text()).get("folder")
+    except (OSError, ValueError, AttributeError):
+        folder = None
+    return Path(folder) if isinstance(folder, str) else Path(rows_path).parent
+
+
+def write_score_report(rows_path: str | Path, folder: str | Path | None = None, out: str | Path | None = None, title: str | None = None) -> Path:
+    """Write the HTML page of the score output ``rows_path`` (images read from ``folder``,
+    by default the one its job record names) atomically to ``out`` (default: beside the
+    rows, ``.html``) and return its path."""
+    rows_path = Path(rows_path)
+    folder = Path(folder) if folder is not None else scored_folder(rows_path)
     out = Path(out) if out is not None else rows_path.with_suffix(".html")
     rows = _read_rows(rows_path)
     difficulty = is_difficulty_output(rows)

@@ -64,7 +64,7 @@ def generation_output(tmp_path_factory, judge):
     for group in ("00000", "00003"):  # one object, then colours
         shutil.copytree(EXAMPLES / group, folder / group)
     (folder / "00003" / "samples" / "0002.png").write_bytes(b"not a png")  # a row that is an error
-    out = folder / "scores.jsonl"
+    out = tmp_path_factory.mktemp("rows") / "scores.jsonl"  # apart from the images: the job record says where they are
     run_score(judge, folder, out, ScoreOptions(samples=1, seed=0))
     return folder, out
 
@@ -154,8 +154,11 @@ def test_report_command(generation_output, tmp_path):
     from asg_kit.cli import app
 
     folder, out = generation_output
-    result = CliRunner().invoke(app, ["report", str(out), "--folder", str(folder), "--out", str(tmp_path / "r.html")])
+    result = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r.html").read_text().count('<img class="thumb"') == 5
+    scored = CliRunner().invoke(app, ["score", str(folder), "--out", str(tmp_path / "again.jsonl"), "--samples", "1", "--report"])
+    assert scored.exit_code == 0, scored.output
+    assert (tmp_path / "again.html").read_text().count('<img class="thumb"') == 5
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "none.jsonl")])
     assert missing.exit_code == 2 and "is not a file" in missing.output

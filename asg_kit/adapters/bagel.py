@@ -360,9 +360,7 @@ class BagelAdapter:
 
         tokenizer = bagel.Qwen2Tokenizer.from_pretrained(str(folder))
         tokenizer, token_ids, _ = bagel.data_utils.add_special_tokens(tokenizer)
-        adapter = cls(network, vae, tokenizer, token_ids, settings, bagel, **options)
-        adapter.checkpoint_folder = folder
-        return adapter
+        return cls(network, vae, tokenizer, token_ids, settings, bagel, **options)
 
     def _add_roles(self, lora: LoraSettings, roles: tuple[str, ...]) -> None:
         from peft import LoraConfig, get_peft_model
@@ -844,14 +842,6 @@ class BagelAdapter:
             "BAGEL draws images by rectified flow (an ODE): there are no image-token log-probs; "
             "its Generator update uses noised_latents() and velocities()"
         )
-
-    def weightless_base(self):
-        """A copy of the base model without weights (meta device), as peft loads role
-        folders onto: ``Bagel`` needs its sub-models and config, not a config alone."""
-        import accelerate
-
-        with accelerate.init_empty_weights():
-            return build_network(self.upstream, self.checkpoint_folder, self.settings, meta=True)
 
     def generator_loss(self, rollout: FlowRollout) -> torch.Tensor:
         """The Generator objective with unit weights: the flow-matching error of every
