@@ -117,16 +117,17 @@ def check_judge(judge: Judge, device: str | None = None) -> None:
     from asg_kit.adapters.registry import BackboneUnavailable, adapter_class
 
     try:
-        adapter_class(judge.backbone)
+        cls = adapter_class(judge.backbone)
     except (ValueError, BackboneUnavailable) as error:
         raise ScoreSetupError(str(error)) from None
+    marker = getattr(cls, "checkpoint_marker", "config.json")  # BAGEL's folder has llm_config.json instead
     if judge.model is not None:
         path = Path(judge.model).expanduser()
         if path.exists():
             if not path.is_dir():
                 raise ScoreSetupError(f"--model {judge.model} is a file; pass the model's folder (config.json, *.safetensors)")
-            if not (path / "config.json").is_file():
-                raise ScoreSetupError(f"--model {judge.model} has no config.json; pass the model's folder")
+            if not (path / marker).is_file():
+                raise ScoreSetupError(f"--model {judge.model} has no {marker}; pass the model's folder")
         elif _looks_local(judge.model):
             raise ScoreSetupError(f"--model {judge.model} does not exist (a local folder, or a hub id like org/name)")
     if judge.dtype is not None and judge.dtype not in DTYPES:

@@ -176,7 +176,7 @@ class PackedBatch:
         self._split(len(ids), "causal")
 
     def vit_image(self, pixels: torch.Tensor) -> None:
-        model, ids = self.adapter.model_core, self.adapter.token_ids
+        model, ids = self.adapter.model, self.adapter.token_ids
         patches = self.adapter.upstream.data_utils.patchify(pixels, model.vit_patch_size)
         n = patches.shape[0]
         start = self.length
@@ -195,7 +195,7 @@ class PackedBatch:
     def noisy_latent(self, latent: torch.Tensor, timestep: float | torch.Tensor, image_size: tuple[int, int]) -> None:
         """``latent``: (tokens, p*p*channels) rows at flow time ``timestep``. The latent
         keeps the rotary position after the text, as ``prepare_vae_latent`` gives it."""
-        model, ids = self.adapter.model_core, self.adapter.token_ids
+        model, ids = self.adapter.model, self.adapter.token_ids
         n = latent.shape[0]
         start = self.length
         self.text_ids += [ids["start_of_image"], ids["end_of_image"]]
@@ -217,7 +217,7 @@ class PackedBatch:
     def hidden(self) -> torch.Tensor:
         """The language model's last hidden state over the packed sequence (train mode)."""
         adapter = self.adapter
-        model, device = adapter.model_core, adapter.device
+        model, device = adapter.model, adapter.device
         long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         text_indexes = long(self.text_indexes)
         embeds = model.language_model.model.embed_tokens(long(self.text_ids))
@@ -286,10 +286,10 @@ class BagelAdapter:
     name = "bagel"
     generation_paradigm = "rectified_flow"
     default_model: str | None = "ByteDance-Seed/BAGEL-7B-MoT"
+    checkpoint_marker = "llm_config.json"  # a checkpoint folder has this file (no config.json)
 
     def __init__(self, model, vae, tokenizer, token_ids: dict, settings: BagelSettings, upstream, lora: LoraSettings | None = LoraSettings(), roles: Sequence[str] = ROLES) -> None:
-        self.model = model
-        self.model_core = model  # peft injects into it in place; the upstream methods live here
+        self.model = model  # peft injects the roles into it in place: upstream's methods stay callable
         self.vae = vae
         self.tokenizer = tokenizer
         self.token_ids = dict(token_ids)
@@ -450,7 +450,7 @@ class BagelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return self.model_core.llm2vae.weight.device
+        return self.model.llm2vae.weight.device
 
     def _autocast(self):
         return bagel_autocast(self.device)
@@ -495,7 +495,7 @@ class BagelAdapter:
         return to_model_pixels(resize_for(image, *self.settings.vit_image))
 
     def _new_context(self, rows: int) -> dict:
-        return {"cache": self.upstream.NaiveCache(self.model_core.config.llm_config.num_hidden_layers), "kv_lens": [0] * rows, "ropes": [0] * rows}
+        return {"cache": self.upstream.NaiveCache(self.model.config.llm_config.num_hidden_layers), "kv_lens": [0] * rows, "ropes": [0] * rows}
 
     def _repeat_context(self, context: dict, rows: int) -> dict:
         """A one-row context copied to ``rows`` rows: each layer's cache holds the rows' K/V
@@ -508,13 +508,13 @@ class BagelAdapter:
         return {"cache": cache, "kv_lens": context["kv_lens"] * rows, "ropes": context["ropes"] * rows}
 
     def _prefill_images(self, context: dict, images: Sequence[Image.Image]) -> dict:
-        core = self.model_core
+        core = self.model
         inputs, kv_lens, ropes = core.prepare_vit_images(context["kv_lens"], context["ropes"], list(images), self._vit_pixels, self.token_ids)
         cache = core.forward_cache_update_vit(context["cache"], **self._on_device(inputs))
         return {"cache": cache, "kv_lens": kv_lens, "ropes": ropes}
 
     def _prefill_prompts(self, context: dict, texts: Sequence[str]) -> dict:
-        core = self.model_core
+        core = self.model
         inputs, kv_lens, ropes = core.prepare_prompts(context["kv_lens"], context["ropes"], [self._plain(t) for t in texts], self.tokenizer, self.token_ids)
         cache = core.forward_cache_update_text(context["cache"], **self._on_device(inputs))
         return {"cache": cache, "kv_lens": kv_lens, "ropes": ropes}
@@ -559,7 +559,7 @@ class BagelAdapter:
     def _decode(self, context: dict, group: Sequence[AnswerRequest], seeds: Sequence[int], max_new_tokens: int) -> list[TextSample]:
         """``generate_text``'s loop (start from ``<|im_start|>``, one token per row per
         step, the cache growing in place), keeping each step's logits."""
-        language_model = self.model_core.language_model
+        language_model = self.model.language_model
         rows = len(group)
         device = self.device
         cache = context["cache"]
@@ -640,7 +640,7 @@ class BagelAdapter:
             batch.end_sample()
         with self._packed_mode():
             hidden = batch.hidden()
-            logits = self.model_core.language_model.lm_head(hidden[torch.tensor(batch.scored_indexes, device=self.device)]).float()
+            logits = self.model.language_model.lm_head(hidden[torch.tensor(batch.scored_indexes, device=self.device)]).float()
         targets = torch.tensor(batch.labels, device=self.device)
         token_logprobs = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
         with torch.no_grad():
@@ -731,7 +731,7 @@ class BagelAdapter:
         return GeneratedImages(images, rollout)
 
     def _flow(self, prompt: str, size: tuple[int, int], n: int, grid: torch.Tensor, guidance: torch.Tensor, seeds: Sequence[int], noise_level: float = 0.0) -> torch.Tensor:
-        core = self.model_core
+        core = self.model
         core.language_model.model.enable_taylorseer = False  # generate_image sets it before calling _forward_flow
         conditional = self._repeat_context(self._prefill_prompts(self._new_context(1), [prompt]), n)
         unconditional = self._new_context(n)  # text CFG drops the prompt: an empty context
@@ -770,7 +770,7 @@ class BagelAdapter:
 
     def _decode_latents(self, latents: torch.Tensor, size: tuple[int, int]) -> list[Image.Image]:
         """(rows, tokens, p*p*channels) latents to PIL images through the VAE decoder."""
-        core = self.model_core
+        core = self.model
         p, channels = core.latent_patch_size, core.latent_channel
         h, w = size[0] // core.latent_downsample, size[1] // core.latent_downsample
         grid = latents.reshape(-1, h, w, p, p, channels).to(self.device)
@@ -786,7 +786,7 @@ class BagelAdapter:
         ``t = shift(sigmoid(z))``, ``z ~ N(0, 1)`` (one per image), ``x_t = (1 - t) x_0 + t
         eps`` and target velocity ``eps - x_0``; row ``r`` is seeded ``seed + r``."""
         clean = rollout.latents[:, -1].float()
-        shift = float(self.model_core.timestep_shift)
+        shift = float(self.model.timestep_shift)
         noises, times = [], []
         for row in range(clean.shape[0]):
             generator = torch.Generator().manual_seed(seed + row)
@@ -808,7 +808,7 @@ class BagelAdapter:
             batch.end_sample()
         with self._packed_mode():
             hidden = batch.hidden()
-            velocity = self.model_core.llm2vae(hidden[torch.tensor(batch.latent_indexes, device=self.device)]).float()
+            velocity = self.model.llm2vae(hidden[torch.tensor(batch.latent_indexes, device=self.device)]).float()
         return velocity.reshape(noisy.shape)
 
     def guided_velocities(self, rollout: FlowRollout) -> torch.Tensor:
@@ -828,7 +828,7 @@ class BagelAdapter:
                     batch.end_sample()
         with self._packed_mode():
             hidden = batch.hidden()
-            flat = self.model_core.llm2vae(hidden[torch.tensor(batch.latent_indexes, device=self.device)]).float()
+            flat = self.model.llm2vae(hidden[torch.tensor(batch.latent_indexes, device=self.device)]).float()
         images = iter(flat.split(rollout.latents.shape[2]))
         velocities = []
         for row in range(rows):
