@@ -384,3 +384,20 @@ def test_flow_grpo_option_updates_the_generator(taught_folder, tmp_path):
     generation = [r for r in rows if r["kind"] == "generation"]
     assert len(generation) == 2 and all(r["generator_skip"] is None and math.isfinite(r["generator_loss"]) for r in generation), generation
     assert all(r["kl"] >= 0 for r in generation)
+
+
+@needs_bagel
+def test_roles_sit_on_their_experts(bagel):
+    """Proposer and Solver LoRA on the understanding expert's projections, the Generator's
+    on the generation expert's, nothing on the ViT, connector or flow heads."""
+    wrapped = {role: set() for role in bagel.roles}
+    for name, _ in bagel.peft.named_parameters():
+        if ".lora_A." in name:
+            module, role = name.split(".lora_A.")[0], name.split(".lora_A.")[1].split(".")[0]
+            wrapped[role].add(module.split("language_model.model.layers.")[-1].split(".", 1)[-1])
+    understanding = {f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | {f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    generation = {f"self_attn.{p}_moe_gen" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | {f"mlp_moe_gen.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert wrapped["proposer"] == wrapped["solver"] == understanding
+    assert wrapped["generator"] == generation
+    layers = bagel.model.config.llm_config.num_hidden_layers
+    assert len(bagel.trainable_parameters("generator")) == 2 * len(generation) * layers

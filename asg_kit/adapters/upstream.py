@@ -324,11 +324,17 @@ def import_bagel(upstream: str | os.PathLike | None = None) -> types.SimpleNames
     put_on_path(checkout)
     if int(transformers.__version__.split(".")[0]) >= 5:
         _register_transformers5_default_rope()
-    import data.data_utils as data_utils
-    import modeling.bagel.qwen2_navit as qwen2_navit
-    from modeling.autoencoder import AutoEncoder, AutoEncoderParams
-    from modeling.bagel import Bagel, BagelConfig, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
-    from modeling.qwen2 import Qwen2Tokenizer
+    try:
+        import data.data_utils as data_utils
+        import modeling.bagel.qwen2_navit as qwen2_navit
+        from modeling.autoencoder import AutoEncoder, AutoEncoderParams
+        from modeling.bagel import Bagel, BagelConfig, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+        from modeling.qwen2 import Qwen2Tokenizer
+    except ImportError as error:
+        raise ImportError(
+            f"BAGEL's code in {checkout} does not import here ({error}; transformers {transformers.__version__}); "
+            "its environment: pip install -e '.[bagel]' (transformers 4.49.0, accelerate, einops)"
+        ) from error
 
     if not getattr(qwen2_navit, "_asgkit_sdpa", False):
         qwen2_navit.sdpa_kernel = _sdpa_with_math_fallback(qwen2_navit.sdpa_kernel, qwen2_navit.SDPBackend.MATH)
