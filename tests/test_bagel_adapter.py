@@ -401,3 +401,17 @@ def test_roles_sit_on_their_experts(bagel):
     assert wrapped["generator"] == generation
     layers = bagel.model.config.llm_config.num_hidden_layers
     assert len(bagel.trainable_parameters("generator")) == 2 * len(generation) * layers
+
+
+@needs_bagel
+def test_asgkit_bench_runs_the_shapes_tasks_with_bagel(tiny_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from asg_kit.cli import app
+
+    args = ["bench", "--backbone", "bagel", "--model", str(tiny_folder), "--upstream", os.environ["ASGKIT_UPSTREAM"], "--tasks", "shapes",
+            "--limit", "2", "--images-per-prompt", "2", "--out", str(tmp_path / "bench")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert set(results["tasks"]) == {"shapes_vqa", "shapes_geneval"} and results["model"]["backbone"] == "bagel"
