@@ -58,8 +58,7 @@ def write_tiny_tokenizer(folder: Path, bagel, merges: int = 400) -> None:
     tokenizer_config.json), trained for ``merges`` rounds on the prompts' words."""
     import regex
 
-    from modeling.qwen2 import tokenization_qwen2  # on the path after import_bagel
-
+    tokenization_qwen2 = bagel.tokenization_qwen2
     byte_symbol = tokenization_qwen2.bytes_to_unicode()
     counts: dict[tuple[str, ...], int] = {}
     for piece in regex.findall(tokenization_qwen2.PRETOKENIZE_REGEX, _corpus()):

@@ -329,7 +329,7 @@ def import_bagel(upstream: str | os.PathLike | None = None) -> types.SimpleNames
         import modeling.bagel.qwen2_navit as qwen2_navit
         from modeling.autoencoder import AutoEncoder, AutoEncoderParams
         from modeling.bagel import Bagel, BagelConfig, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
-        from modeling.qwen2 import Qwen2Tokenizer
+        from modeling.qwen2 import Qwen2Tokenizer, tokenization_qwen2
     except ImportError as error:
         raise ImportError(
             f"BAGEL's code in {checkout} does not import here ({error}; transformers {transformers.__version__}); "
@@ -352,6 +352,7 @@ def import_bagel(upstream: str | os.PathLike | None = None) -> types.SimpleNames
         SiglipVisionConfig=SiglipVisionConfig,
         SiglipVisionModel=SiglipVisionModel,
         Qwen2Tokenizer=Qwen2Tokenizer,
+        tokenization_qwen2=tokenization_qwen2,
     )
 
 
