@@ -160,6 +160,8 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    if config.flow_update not in ("flow_matching", "flow_grpo"):
+        raise ValueError(f"flow_update {config.flow_update!r}: use 'flow_matching' or 'flow_grpo'")
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
     backbone = load_backbone(config.backbone, model=config.model, **({"upstream": config.upstream} if config.upstream else {}))
     if backbone.generation_paradigm not in ("ar_tokens", "rectified_flow") and config.generation_per_cycle:
@@ -335,7 +337,8 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
             loss = None
             if reason is None:
                 # 3. Draw L candidates and score them.
-                sde = {"noise_level": config.flow_noise_level} if config.flow_update == "flow_grpo" else {}
+                flow_grpo = backbone.generation_paradigm == "rectified_flow" and config.flow_update == "flow_grpo"
+                sde = {"noise_level": config.flow_noise_level} if flow_grpo else {}
                 with backbone.role("generator"):
                     drawn = backbone.generate_images([spec.prompt], n=config.generator_candidates, guidance_scale=config.guidance_scale, seed=seed, **sde)
                 scores = generation_scorer.score(spec, drawn.images[0])
@@ -345,7 +348,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
                 advantages = group_advantages(rewards) if all(math.isfinite(r) for r in rewards) else None
                 if advantages is None:
                     reason = "candidates tie (no preference)" if all(math.isfinite(r) for r in rewards) else "non-finite reward"
-                elif backbone.generation_paradigm == "rectified_flow" and config.flow_update == "flow_grpo":
+                elif flow_grpo:
                     # 4. Flow-GRPO: each SDE step a Gaussian whose mean the velocity sets; clipped
                     # ratio to the rollout policy (recomputed on the training path, where the
                     # update runs) and beta * KL to the reference's Gaussian.
