@@ -11,6 +11,7 @@ from asg_kit.adapters.base import UnifiedBackbone
 BACKBONES: dict[str, tuple[str, str, str]] = {
     "janus": ("asg_kit.adapters.janus", "JanusAdapter", "pip install -U 'transformers>=4.52'"),
     "micro": ("asg_kit.adapters.micro", "MicroAdapter", "pip install -U 'transformers>=4.52'"),
+    "vargpt": ("asg_kit.adapters.vargpt", "VARGPTAdapter", "pip install -e '.[vargpt]' in its own venv (transformers 4.46)"),
 }
 
 

@@ -13,6 +13,7 @@ CPU, on other GPUs and under a debugger.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import math
 import os
@@ -263,8 +264,65 @@ def install_flash_attn_fallback() -> bool:
             del sys.modules[name]
     module = types.ModuleType("flash_attn", "asg-kit's pure-torch fallback for flash-attn's varlen attention")
     module.__version__ = FLASH_ATTN_FALLBACK_VERSION
+    # importlib.util.find_spec("flash_attn") (transformers asks it) raises on a module without a
+    # spec; with one and no installed distribution, transformers still reports flash-attn absent.
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
     module.flash_attn_varlen_func = _flash_attn_varlen_func
     module.flash_attn_varlen_kvpacked_func = _flash_attn_varlen_kvpacked_func
     module.flash_attn_func = _flash_attn_func
     sys.modules["flash_attn"] = module
     return True
+
+
+# --------------------------------------------------------------------------------------
+# torchvision without its C++ ops, torch.compile'd helpers on CPU
+# --------------------------------------------------------------------------------------
+
+_KEPT_LIBRARIES: list = []  # torch.library.Library objects must outlive the schemas they define
+
+
+def allow_torchvision_without_ops() -> str:
+    """Let ``import torchvision`` succeed when its C++ ops do not load.
+
+    PyPI's torchvision wheels are CUDA builds; next to a CPU torch their extension fails to
+    load, and ``torchvision/_meta_registrations.py`` then dies on ``register_fake`` for
+    ``torchvision::nms`` and ``qnms`` (the only two it does not guard). transformers imports
+    torchvision whenever it is installed, so every model import fails. Defining those two
+    schemas first lets the pure-Python parts import; the detection ops stay unavailable, and
+    nothing asg-kit runs calls them. Returns "native" or "schemas defined (nms, qnms)".
+    """
+    if importlib.util.find_spec("torchvision") is None:
+        return "absent"
+    try:
+        import torchvision  # noqa: F401
+
+        return "native"
+    except RuntimeError as error:
+        if "torchvision::nms" not in str(error):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    library = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _KEPT_LIBRARIES.append(library)
+    import torchvision  # noqa: F401,F811
+
+    return "schemas defined (nms, qnms)"
+
+
+def uncompile_module(module: types.ModuleType) -> list[str]:
+    """Replace the ``torch.compile``-decorated functions of an upstream module by the plain
+    functions they wrap (call before other modules import names from it).
+
+    On CPU, a compiled function means an inductor C++ build at its first call (seconds to
+    minutes, and a compiler on the machine); eager mode computes the same values. Only this
+    module's functions change: torch.compile keeps working for everything else. Returns the
+    names replaced."""
+    replaced = []
+    for name, value in list(vars(module).items()):
+        original = getattr(value, "_torchdynamo_orig_callable", None)
+        if callable(value) and original is not None:
+            setattr(module, name, original)
+            replaced.append(name)
+    return replaced
