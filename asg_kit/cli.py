@@ -27,6 +27,9 @@ console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
 
+UPSTREAM = typer.Option(None, help="Checkout of the backbone's upstream repository, or a folder holding it (backbones that run upstream code: vargpt, bagel, blip3o; default: $ASGKIT_UPSTREAM).")
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"asg-kit {asg_kit.__version__}")
@@ -113,6 +116,7 @@ def score(
     difficulty: bool = typer.Option(False, "--difficulty", help="Rank unlabeled images by difficulty instead (Proposer questions, STE, self-consistency, bucket); needs no prompts."),
     device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda."),
     dtype: Optional[str] = typer.Option(None, help="Weights dtype, e.g. bfloat16."),
+    upstream: Optional[Path] = UPSTREAM,
 ) -> None:
     """Judge generated images with the model's own Solver: per-question answers and matches, contradictions, a cycle caption, diversity, and the combined reward R_G. Re-running resumes: finished images are skipped."""
     from asg_kit.adapters.registry import load_backbone
@@ -126,7 +130,7 @@ def score(
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
     out = out or default_output(folder, difficulty)
-    options = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v}
+    options = {k: v for k, v in {"device": device, "dtype": dtype, "upstream": str(upstream) if upstream else None}.items() if v}
     _quiet_transformers()
     judge = load_backbone(backbone, model=model, **options)
     with _progress() as progress:
@@ -197,12 +201,13 @@ def train(
     solver_max_new_tokens: int = typer.Option(96, help="Longest Solver answer."),
     proposer_max_new_tokens: int = typer.Option(384, help="Longest Proposer question or spec."),
     checkpoint_every: int = typer.Option(50, help="Steps between checkpoints."),
+    upstream: Optional[Path] = UPSTREAM,
 ) -> None:
     """Improve a unified model from unlabeled images: the Proposer asks, the Solver answers and judges, the Generator draws, every reward comes from the model's own consistency. Run under torchrun for several processes."""
     from asg_kit.train.loop import TrainConfig, config_from_run, train as run_training
 
     if resume:
-        config = config_from_run(resume, steps=steps, out=str(resume))
+        config = config_from_run(resume, steps=steps, out=str(resume), **({"upstream": str(upstream)} if upstream else {}))
     else:
         if images is None or out is None:
             errors.print("[red]error:[/red] --images and --out are needed to start a run (or --resume RUN)", highlight=False)
@@ -210,7 +215,7 @@ def train(
         config = TrainConfig(backbone=backbone, model=model, images=str(images), out=str(out), steps=steps, seed=seed, lr=lr,
                              guidance_scale=guidance, solver_max_new_tokens=solver_max_new_tokens,
                              proposer_max_new_tokens=proposer_max_new_tokens, spec_max_new_tokens=proposer_max_new_tokens,
-                             checkpoint_every=checkpoint_every)  # fmt: skip
+                             checkpoint_every=checkpoint_every, upstream=str(upstream) if upstream else None)  # fmt: skip
     _quiet_transformers()
     with _progress() as progress:
         task = progress.add_task("training", total=config.steps)
@@ -226,6 +231,65 @@ def train(
             errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
             raise typer.Exit(2)
     console.print(f"run: {folder} (metrics.jsonl, checkpoint/roles/)")
+
+
+@app.command()
+def check(
+    backbone: str = typer.Option("micro", help="Registered backbone to check."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id (default: the backbone's own; for micro, the shipped model)."),
+    upstream: Optional[Path] = UPSTREAM,
+    tiny: bool = typer.Option(False, "--tiny", help="Check a tiny random-weight instance built here (upstream backbones: from the real upstream classes), saved and loaded through the backbone's real loading path; no download."),
+    save_tiny: Optional[Path] = typer.Option(None, help="Also keep that tiny instance as a checkpoint folder (a new folder), which --model DIR loads (implies --tiny)."),
+    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype, e.g. bfloat16 (tolerances follow the dtype)."),
+    seed: int = typer.Option(0, help="Seed of the tiny weights, the role weights and every sample."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+) -> None:
+    """Check that a backbone's adapter keeps the contract of the training loop: behaviour vs teacher-forced log-probs, batch and seed invariance, role isolation of gradients, save/load of roles, embeddings, image generation and its Generator objective, NaN and prompt-injection guards. Exit 0 only when every check passes."""
+    import tempfile
+
+    from asg_kit.adapters.conformance import check_backbone
+    from asg_kit.adapters.registry import load_backbone, save_tiny_checkpoint
+    from asg_kit.jsonl import write_json_atomic
+
+    tiny = tiny or save_tiny is not None
+    if tiny and model is not None:
+        errors.print("[red]error:[/red] --tiny builds its own checkpoint: drop --model (or check the saved one with --model DIR)", highlight=False)
+        raise typer.Exit(2)
+    if save_tiny is not None and save_tiny.exists() and any(save_tiny.iterdir()):
+        errors.print(f"[red]error:[/red] {escape(str(save_tiny))} exists and is not empty: choose a new folder for --save-tiny", highlight=False)
+        raise typer.Exit(2)
+    _quiet_transformers()
+    options = {k: v for k, v in {"device": device, "dtype": dtype, "upstream": str(upstream) if upstream else None}.items() if v}
+    with tempfile.TemporaryDirectory(prefix="asgkit-tiny-") as scratch:
+        try:
+            if tiny:
+                model = str(save_tiny_checkpoint(backbone, save_tiny or Path(scratch) / backbone, upstream=options.get("upstream"), seed=seed))
+            with console.status(f"loading {backbone}"):
+                subject = load_backbone(backbone, model=model, **options)
+        except (ValueError, OSError, ImportError, TypeError) as error:
+            errors.print(f"[red]error:[/red] {escape(' '.join(str(error).split()))}", highlight=False)
+            raise typer.Exit(2)
+        with console.status("checking") as status:
+            report = check_backbone(subject, seed=seed, progress=lambda group: status.update(f"checking: {group}"))
+    table = Table(title=f"Conformance of {report.backbone} ({report.paradigm}, {report.dtype}, {report.device}, {report.seconds:.1f} s)")
+    for column in ("check", "result", "gap", "tolerance"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("detail", overflow="fold")
+    for c in report.checks:
+        table.add_row(escape(c.name), "pass" if c.passed else "[red]FAIL[/red]", _maybe_number(c.gap), _maybe_number(c.tolerance), escape(c.detail))
+    console.print(table)
+    if json_out:
+        write_json_atomic(json_out, report.to_json())
+    if save_tiny is not None:
+        console.print(f"tiny checkpoint: {save_tiny} (load it with --model {save_tiny})")
+    failed = report.failed
+    console.print("all checks passed" if not failed else f"[red]{len(failed)} of {len(report.checks)} checks failed:[/red] {', '.join(c.name for c in failed)}")
+    raise typer.Exit(0 if not failed else 1)
+
+
+def _maybe_number(value) -> str:
+    return "" if value is None else f"{value:.3g}"
 
 
 micro_app = typer.Typer(
@@ -333,6 +397,7 @@ def bench(
     per_kind: int = typer.Option(50, min=1, help="shapes-VQA questions per question kind."),
     per_category: int = typer.Option(16, min=1, help="shapes-GenEval prompts per category (at most the distinct prompts there are)."),
     shapes_images: int = typer.Option(4, min=1, help="shapes-GenEval images per prompt."),
+    upstream: Optional[Path] = UPSTREAM,
 ) -> None:
     """Benchmark a backbone and set the numbers beside the published ones. `asgkit bench` alone runs the shapes benchmarks of the shipped micro model (about 30 seconds on 2 CPU cores); `asgkit bench --backbone janus --model PATH --tasks paper --geneval GENEVAL` the paper's table. Results: OUT/results.json; a re-run keeps the tasks already done."""
     if ctx.invoked_subcommand is not None:
@@ -341,7 +406,7 @@ def bench(
 
     _quiet_transformers()
     names = tuple(name.strip() for value in tasks for name in value.split(",") if name.strip())
-    paths = {key: str(value) if value is not None else None for key, value in {"roles": roles, "data_dir": data_dir, "geneval": geneval, "detector_dir": detector_dir, "model_config": model_config}.items()}  # fmt: skip
+    paths = {key: str(value) if value is not None else None for key, value in {"upstream": upstream, "roles": roles, "data_dir": data_dir, "geneval": geneval, "detector_dir": detector_dir, "model_config": model_config}.items()}  # fmt: skip
     config = BenchConfig(
         backbone=backbone, model=model, base=base, tasks=names, out=str(out), seed=seed, device=device, dtype=dtype,
         reference=reference, fresh=fresh, limit=limit, batch_size=batch_size, gen_kwargs=gen_kwargs,

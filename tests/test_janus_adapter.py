@@ -234,6 +234,6 @@ def test_registry_errors_say_what_to_do(tmp_path, monkeypatch):
         load_backbone("janus", model=str(tmp_path / "nothing-here"))
     from asg_kit.adapters import registry
 
-    monkeypatch.setitem(registry.BACKBONES, "broken", ("asg_kit.adapters.not_a_module", "X", "pip install something"))
+    monkeypatch.setitem(registry.BACKBONES, "broken", {"adapter": "asg_kit.adapters.not_a_module:X", "tiny": "asg_kit.adapters.not_a_module:y", "install": "pip install something"})
     with pytest.raises(BackboneUnavailable, match="pip install something"):
         adapter_class("broken")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 from PIL import Image
@@ -153,3 +153,29 @@ class UnifiedBackbone(Protocol):
         """(rows, image tokens) log-probs of the rollout's tokens under the active role,
         teacher-forced on the conditional branch; differentiable when grad is enabled."""
         ...
+
+
+@runtime_checkable
+class ConformanceHooks(Protocol):
+    """Two optional members beyond ``UnifiedBackbone`` that the conformance checker
+    (``asg_kit.adapters.conformance``) uses; every adapter in this package has them.
+
+    ``generator_loss`` is the paradigm's differentiable Generator objective for a rollout of
+    ``generate_images``, under the active role, as a scalar with every sample weighted 1
+    (no rewards): what the training loop's Generator update backpropagates, reduced to its
+    gradient path. "ar_tokens": the mean negative ``generation_logprobs``;
+    "rectified_flow" / "diffusion": the flow-matching / denoising loss recomputed on the
+    rollout's stored states. The checker proves with it that the Generator update reaches
+    the generator adapter only, and every one of its LoRA weights. An "ar_tokens" backbone
+    without it is checked through ``generation_logprobs``; the other paradigms need it.
+
+    ``prompt_ids`` are the token ids the adapter builds for a user prompt (``tokenizer``
+    is its tokenizer): the checker proves that special-token strings in prompt text are
+    never encoded as special tokens.
+    """
+
+    tokenizer: Any
+
+    def prompt_ids(self, text: str, with_image: bool) -> list[int]: ...
+
+    def generator_loss(self, rollout: ImageRollout) -> torch.Tensor: ...

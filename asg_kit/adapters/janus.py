@@ -172,6 +172,7 @@ class JanusAdapter:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         local_files_only: bool | None = None,
+        upstream: str | Path | None = None,
         **options,
     ) -> "JanusAdapter":
         """Load a Janus checkpoint in transformers' format from a local directory or a hub
@@ -179,6 +180,8 @@ class JanusAdapter:
         import transformers
         from transformers import AutoTokenizer
 
+        if upstream is not None:
+            raise ValueError(f"backbone {cls.name!r} is native in transformers and runs no upstream checkout: drop --upstream")
         janus_class, processor_class = require_janus()
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -286,9 +289,24 @@ class JanusAdapter:
                 expanded.append(token)
         return expanded
 
+    def _control_strings(self) -> list[str]:
+        """The special tokens that structure a sequence: image slots, begin/end of sequence,
+        padding, and the special tokens of the chat template itself (longest first)."""
+        tokenizer = self.tokenizer
+        strings = {self.image_placeholder, self.processor.image_start_token, self.processor.image_end_token}
+        strings |= {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token}
+        special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+        template = self.system_prompt + self.chat_template.format(image="", text="")
+        template_ids = tokenizer(template, add_special_tokens=False)["input_ids"]
+        strings |= {tokenizer.convert_ids_to_tokens(index) for index in template_ids if index in special}
+        return sorted((s for s in strings if s), key=len, reverse=True)
+
     def _plain(self, text: str) -> str:
-        # Text from users or from the model itself must not smuggle in image slots.
-        for marker in (self.image_placeholder, self.processor.image_start_token, self.processor.image_end_token):
+        # Text from users or from the model itself must not smuggle in image slots, a turn
+        # of its own or an end of sequence.
+        if not hasattr(self, "_controls"):
+            self._controls = self._control_strings()
+        for marker in self._controls:
             text = text.replace(marker, " ")
         return text
 
@@ -569,3 +587,8 @@ class JanusAdapter:
         hidden = self._hidden(embeds, mask, positions)
         targets = [t.tolist() for t in rollout.tokens]
         return self._score_tail(hidden, targets, self.model.model.generation_head).logprobs
+
+    def generator_loss(self, rollout: ImageRollout) -> torch.Tensor:
+        """The "ar_tokens" Generator objective with unit weights: mean negative log-prob of
+        the rollout's image tokens (the gradient path of the clipped GRPO update)."""
+        return -self.generation_logprobs(rollout).mean()

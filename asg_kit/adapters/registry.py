@@ -4,14 +4,29 @@ one backbone's optional dependencies never break another's."""
 from __future__ import annotations
 
 import importlib
+import inspect
+from pathlib import Path
 
 from asg_kit.adapters.base import UnifiedBackbone
 
-# name -> (module, class, what to install when the import fails)
-BACKBONES: dict[str, tuple[str, str, str]] = {
-    "janus": ("asg_kit.adapters.janus", "JanusAdapter", "pip install -U 'transformers>=4.52'"),
-    "micro": ("asg_kit.adapters.micro", "MicroAdapter", "pip install -U 'transformers>=4.52'"),
-    "vargpt": ("asg_kit.adapters.vargpt", "VARGPTAdapter", "pip install -e '.[vargpt]' in its own venv (transformers 4.46)"),
+# name -> where its adapter class is ("module:Class"), where its tiny builder is
+# ("module:function", see save_tiny_checkpoint), and what to install when the import fails.
+BACKBONES: dict[str, dict[str, str]] = {
+    "janus": {
+        "adapter": "asg_kit.adapters.janus:JanusAdapter",
+        "tiny": "asg_kit.adapters.tiny_janus:save_tiny_janus",
+        "install": "pip install -U 'transformers>=4.52'",
+    },
+    "micro": {
+        "adapter": "asg_kit.adapters.micro:MicroAdapter",
+        "tiny": "asg_kit.micro.model:save_tiny_micro",
+        "install": "pip install -U 'transformers>=4.52'",
+    },
+    "vargpt": {
+        "adapter": "asg_kit.adapters.vargpt:VARGPTAdapter",
+        "tiny": "asg_kit.adapters.tiny_vargpt:write_tiny_vargpt",
+        "install": "pip install -e '.[vargpt]' in its own venv (transformers 4.46; README, VARGPT-v1.1)",
+    },
 }
 
 
@@ -19,20 +34,44 @@ class BackboneUnavailable(ImportError):
     """A registered backbone whose dependencies are missing."""
 
 
-def adapter_class(name: str) -> type:
+def _entry(name: str) -> dict[str, str]:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; registered backbones: {', '.join(sorted(BACKBONES))}")
-    module_name, class_name, install = BACKBONES[name]
+    return BACKBONES[name]
+
+
+def _resolve(name: str, key: str):
+    module_name, attribute = _entry(name)[key].split(":")
     try:
-        return getattr(importlib.import_module(module_name), class_name)
+        return getattr(importlib.import_module(module_name), attribute)
     except ImportError as error:
-        raise BackboneUnavailable(f"backbone {name!r} cannot be imported ({error}); to install it: {install}") from error
+        raise BackboneUnavailable(f"backbone {name!r} cannot be imported ({error}); to install it: {BACKBONES[name]['install']}") from error
+
+
+def adapter_class(name: str) -> type:
+    return _resolve(name, "adapter")
+
+
+def save_tiny_checkpoint(name: str, folder: str | Path, upstream: str | None = None, seed: int = 0) -> Path:
+    """Write a tiny random-weight instance of backbone ``name`` to ``folder`` as a checkpoint
+    that ``load_backbone(name, model=folder)`` loads through the backbone's real loading
+    path. A tiny builder is ``function(folder, upstream=None, seed=0)``; upstream backbones
+    build it from the real upstream classes of the checkout in ``upstream``."""
+    builder = _resolve(name, "tiny")
+    if upstream is not None and "upstream" not in inspect.signature(builder).parameters:
+        raise ValueError(f"backbone {name!r} runs no upstream checkout: drop --upstream")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    options = {"upstream": upstream} if upstream is not None else {}
+    builder(folder, seed=seed, **options)
+    return folder
 
 
 def load_backbone(name: str, model: str | None = None, **options) -> UnifiedBackbone:
     """Load backbone ``name`` from ``model`` (a local checkpoint directory or a hub id).
 
-    ``options`` go to the adapter's ``from_pretrained`` (``dtype``, ``device``, ``lora``...).
+    ``options`` go to the adapter's ``from_pretrained`` (``dtype``, ``device``, ``lora``,
+    ``upstream`` for the backbones that run an upstream checkout...).
     """
     cls = adapter_class(name)
     return cls.from_pretrained(model if model is not None else cls.default_model, **options)

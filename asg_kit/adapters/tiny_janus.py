@@ -137,3 +137,15 @@ def build_tiny_janus(words: Iterable[str] = DEFAULT_WORDS, size: TinyJanusSize =
     )
     processor = JanusProcessor(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=grid * grid)
     return model, processor
+
+
+def save_pretrained_pair(model, processor, folder) -> None:
+    """Write a Janus model and its processor as a checkpoint folder (safetensors)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+
+def save_tiny_janus(folder, seed: int = 0) -> None:
+    """The registry's tiny builder for "janus": a random-weight tiny Janus written to
+    ``folder`` in transformers' Janus format (``JanusAdapter.from_pretrained`` loads it)."""
+    save_pretrained_pair(*build_tiny_janus(seed=seed), folder)

@@ -414,8 +414,10 @@ class VARGPTAdapter:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_ids(self, text: str, image_tokens: int = 0) -> list[int]:
-        """A user turn in Qwen2-VL's chat format; the image slot holds ``image_tokens`` pads."""
+    def prompt_ids(self, text: str, with_image: bool = False, image_tokens: int | None = None) -> list[int]:
+        """A user turn in Qwen2-VL's chat format; with an image, its slot holds ``image_tokens``
+        pads (one per merged patch of that image; one when not given)."""
+        image_tokens = (image_tokens or 1) if with_image else 0
         ids = self._ids(SYSTEM + USER_TURN.format(image=IMAGE_SLOT if image_tokens else "", text=self._plain(text)))
         if image_tokens:
             at = ids.index(self.image_token_id)
@@ -505,7 +507,7 @@ class VARGPTAdapter:
         from transformers import DynamicCache
 
         vision = self._vision_inputs([r.image for r in group])
-        rows = [self.prompt_ids(r.prompt, self._image_tokens(vision, r.image)) for r in group]
+        rows = [self.prompt_ids(r.prompt, r.image is not None, self._image_tokens(vision, r.image)) for r in group]
         grids = [vision[id(r.image)][1] if r.image is not None else None for r in group]
         positions = [self._positions(ids, grid) for ids, grid in zip(rows, grids)]
         shared = _common_prefix(rows)
@@ -576,7 +578,7 @@ class VARGPTAdapter:
         vision = self._vision_inputs([r.image for r in requests])
         rows, positions, pixels = [], [], []
         for request, completion in zip(requests, completions):
-            row = self.prompt_ids(request.prompt, self._image_tokens(vision, request.image)) + list(completion)
+            row = self.prompt_ids(request.prompt, request.image is not None, self._image_tokens(vision, request.image)) + list(completion)
             grid = vision[id(request.image)][1] if request.image is not None else None
             rows.append(row)
             positions.append(self._positions(row, grid))
@@ -631,7 +633,7 @@ class VARGPTAdapter:
     def embed_image_text(self, images: Sequence[Image.Image], texts: Sequence[str] | None = None) -> torch.Tensor:
         texts = list(texts) if texts is not None else [EMBED_PROBE] * len(images)
         vision = self._vision_inputs(images)
-        rows = [self.prompt_ids(text, self._image_tokens(vision, image)) for image, text in zip(images, texts)]
+        rows = [self.prompt_ids(text, True, self._image_tokens(vision, image)) for image, text in zip(images, texts)]
         return self._mean_embedding(rows, [vision[id(i)][1] for i in images], [vision[id(i)] for i in images])
 
     # Generation ------------------------------------------------------------------------
@@ -757,6 +759,10 @@ class VARGPTAdapter:
         if self.scale_weighted_logprobs:
             per_token = per_token * self._scale_weights(schedule).to(per_token.device)
         return per_token
+
+    def generator_loss(self, rollout: ImageRollout) -> torch.Tensor:
+        """The Generator objective with every sample weighted 1: the mean negative token log-prob."""
+        return -self.generation_logprobs(rollout).mean()
 
     def _scale_weights(self, schedule) -> torch.Tensor:
         """Per-token weights whose mean turns a mean over tokens into the released code's

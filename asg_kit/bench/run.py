@@ -37,6 +37,7 @@ ProgressBar = Callable[[str, int], Callable[[int], None]]
 class BenchConfig:
     backbone: str = "micro"
     model: str | None = None  # checkpoint folder or hub id; None: the backbone's default
+    upstream: str | None = None  # upstream checkout, for the backbones that run one
     roles: str | None = None  # trained role adapters: a training run's folder or a save_roles folder
     base: bool = False  # evaluate the base model (adapters off) instead of the roles
     tasks: tuple[str, ...] = ()  # task names and presets; empty: the backbone's default
@@ -195,7 +196,7 @@ def run_bench(config: BenchConfig, progress_bar: ProgressBar = lambda descriptio
         save()
         return results
 
-    options = {key: value for key, value in {"device": config.device or default_device(), "dtype": config.dtype}.items() if value}
+    options = {key: value for key, value in {"device": config.device or default_device(), "dtype": config.dtype, "upstream": config.upstream}.items() if value}
     backbone = load_backbone(config.backbone, model=config.model, **options)
     if config.roles:
         backbone.load_roles(roles_folder(config.roles))

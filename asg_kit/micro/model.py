@@ -40,3 +40,12 @@ def build_micro_janus(seed: int = 0, image_size: int = 64):
 def micro_weights_dir() -> Path:
     """The trained micro model shipped inside the package (transformers' Janus format)."""
     return Path(str(resources.files("asg_kit") / "micro" / "weights"))
+
+
+def save_tiny_micro(folder, seed: int = 0) -> None:
+    """The registry's tiny builder for "micro": the micro architecture and vocabulary with
+    random weights (untrained), written to ``folder`` like the shipped weights. The shipped
+    model is itself tiny and is what ``asgkit check --backbone micro`` checks by default."""
+    from asg_kit.adapters.tiny_janus import save_pretrained_pair
+
+    save_pretrained_pair(*build_micro_janus(seed=seed), folder)

@@ -77,6 +77,7 @@ from asg_kit.train.losses import (
 class TrainConfig:
     backbone: str = "micro"
     model: str | None = None
+    upstream: str | None = None  # upstream checkout, for the backbones that run one
     images: str = ""
     out: str = "runs/asg"
     steps: int = 10_000
@@ -150,7 +151,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
     if rank == 0:
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
-    backbone = load_backbone(config.backbone, model=config.model)
+    backbone = load_backbone(config.backbone, model=config.model, **({"upstream": config.upstream} if config.upstream else {}))
     if backbone.generation_paradigm != "ar_tokens" and config.generation_per_cycle:
         raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone; only 'ar_tokens' is built")
     pool = list_pool(config.images)
