@@ -287,8 +287,11 @@ class _Checker:
         named = dict(peft_models[0].named_parameters())
         worst, mismatched = 0.0, []
         for role in self.roles:
-            with torch.device("meta"):
-                skeleton = type(base)(config)
+            if hasattr(self.b, "weightless_base"):  # backbones whose constructor cannot run on meta
+                skeleton = self.b.weightless_base()
+            else:
+                with torch.device("meta"):
+                    skeleton = type(base)(config)
             loaded = PeftModel.from_pretrained(skeleton, str(folder / role), adapter_name=role, low_cpu_mem_usage=True)
             expected = {name: p for name, p in named.items() if "lora_" in name and f".{role}." in name}
             if {name for name, _ in loaded.named_parameters() if "lora_" in name} != set(expected):

@@ -168,6 +168,8 @@ class _BitRecorder:
 
     def __enter__(self) -> "_BitRecorder":
         def recording(logits_BlV, top_k=0, top_p=0.0, rng=None, num_samples=1):
+            if torch.isnan(logits_BlV).any() or torch.isposinf(logits_BlV).any():
+                raise NonFiniteLogits("NaN or inf in the bit logits while sampling an image")
             drawn = self.real(logits_BlV, top_k=top_k, top_p=top_p, rng=rng, num_samples=num_samples)
             logprobs = torch.log_softmax(logits_BlV.float(), -1).gather(-1, drawn[..., :1]).squeeze(-1)
             self.calls.append((drawn[..., 0].detach(), logprobs.detach()))
@@ -405,9 +407,14 @@ class VARGPTAdapter:
         return self.model.lm_head.weight.dtype
 
     def _plain(self, text: str) -> str:
-        # Text from users or from the model itself must not smuggle in special tokens.
-        for marker in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>",
-                       "<|im_start|>", "<|im_end|>", "<|image_gen_start|>", "<|image_gen_end|>", "<|image_gen_pad|>"):  # fmt: skip
+        # Text from users or from the model itself must not smuggle in special tokens (image or
+        # vision slots, turns, image generation, end of sequence).
+        if not hasattr(self, "_controls"):
+            tokenizer = self.tokenizer
+            strings = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+            strings |= set(tokenizer.all_special_tokens)
+            self._controls = sorted((s for s in strings if s), key=len, reverse=True)
+        for marker in self._controls:
             text = text.replace(marker, " ")
         return text
 
@@ -759,6 +766,26 @@ class VARGPTAdapter:
         if self.scale_weighted_logprobs:
             per_token = per_token * self._scale_weights(schedule).to(per_token.device)
         return per_token
+
+    def weightless_base(self) -> torch.nn.Module:
+        """The base model without LoRA layers, every tensor on the meta device (for checking
+        that saved roles load onto it with plain peft). Upstream's constructor cannot build on
+        the meta device (its heads call .item() while building), so this is a structural copy."""
+        from peft.tuners.lora import LoraLayer
+
+        base = self.model
+        memo: dict = {id(base.vargpt_gen.rng): base.vargpt_gen.rng}
+        for tensor in list(base.parameters()) + list(base.buffers()):
+            memo[id(tensor)] = tensor.to("meta") if not isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor.to("meta"), tensor.requires_grad)
+        extra = {k: memo.setdefault(id(v), v.to("meta")) for k, v in vars(base).items() if isinstance(v, torch.Tensor)}
+        skeleton = copy.deepcopy(base, memo)
+        for k in extra:
+            setattr(skeleton, k, extra[k])
+        for name, module in list(skeleton.named_modules()):
+            if isinstance(module, LoraLayer):
+                parent_name, _, child = name.rpartition(".")
+                setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, child, module.get_base_layer())
+        return skeleton
 
     def generator_loss(self, rollout: ImageRollout) -> torch.Tensor:
         """The Generator objective with every sample weighted 1: the mean negative token log-prob."""
