@@ -62,6 +62,7 @@ IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
 # Infinity-2B pads its sequence to a multiple of this and keeps 512 rows of unconditional
 # context: a guided prompt longer than that cannot be sampled.
 INFINITY_TEXT_MAXLEN = 512
+BANNED_LOGIT = -1e9  # logit of the tokens an answer may never contain
 # Linear layers of the generation side that the released configuration trains. Infinity's
 # sa.mat_qkv and ca.mat_kv are left out: upstream multiplies by their .weight directly, so a
 # LoRA wrapped around them would receive no gradient.
@@ -189,7 +190,7 @@ class _BitRecorder:
 
 
 def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> tuple[int, float]:
-    """One token from a row of logits whose banned entries are -inf; with its behaviour log-prob."""
+    """One token from a row of logits (banned entries at BANNED_LOGIT), with its behaviour log-prob."""
     if torch.isnan(logits).any() or torch.isposinf(logits).any():
         raise NonFiniteLogits("NaN or inf in the logits while sampling")
     if temperature <= 0:
@@ -478,7 +479,8 @@ class VARGPTAdapter:
 
     def _text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.lm_head(hidden).float()
-        return logits.index_fill(-1, torch.tensor(self.banned_ids, device=logits.device), -torch.inf)
+        # Finite, so that full-vocabulary KL between roles stays finite; exp() of it is exactly 0.
+        return logits.index_fill(-1, torch.tensor(self.banned_ids, device=logits.device), BANNED_LOGIT)
 
     def _left_pad(self, rows: Sequence[Sequence[int]], positions: Sequence[torch.Tensor]):
         longest = max(len(r) for r in rows)
