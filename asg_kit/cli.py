@@ -389,6 +389,7 @@ def bench(
     geneval_mode: str = GENEVAL_MODE,
     images_per_prompt: int = typer.Option(4, min=1, help="GenEval images per prompt (GenEval: 4)."),
     guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for GenEval and shapes-GenEval."),
+    image_temperature: float = typer.Option(1.0, help="Sampling temperature of GenEval and shapes-GenEval images (VARGPT's own: 0.5)."),
     evaluator_python: str = EVALUATOR_PYTHON,
     detector_dir: Optional[Path] = DETECTOR_DIR,
     model_config: Optional[Path] = MODEL_CONFIG,
@@ -410,7 +411,7 @@ def bench(
     config = BenchConfig(
         backbone=backbone, model=model, base=base, tasks=names, out=str(out), seed=seed, device=device, dtype=dtype,
         reference=reference, fresh=fresh, limit=limit, batch_size=batch_size, gen_kwargs=gen_kwargs,
-        geneval_mode=geneval_mode, images_per_prompt=images_per_prompt, guidance=guidance, evaluator_python=evaluator_python,
+        geneval_mode=geneval_mode, images_per_prompt=images_per_prompt, guidance=guidance, image_temperature=image_temperature, evaluator_python=evaluator_python,
         detector=detector, clip=clip, per_kind=per_kind, per_category=per_category, shapes_images=shapes_images, **paths,
     )  # fmt: skip
     try:
