@@ -263,6 +263,9 @@ def install_flash_attn_fallback() -> bool:
         for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
             del sys.modules[name]
     module = types.ModuleType("flash_attn", "asg-kit's pure-torch fallback for flash-attn's varlen attention")
+    # A spec, or importlib.util.find_spec("flash_attn") raises ValueError inside transformers'
+    # availability checks; with one but no installed distribution they report it absent.
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
     module.__version__ = FLASH_ATTN_FALLBACK_VERSION
     # importlib.util.find_spec("flash_attn") (transformers asks it) raises on a module without a
     # spec; with one and no installed distribution, transformers still reports flash-attn absent.
