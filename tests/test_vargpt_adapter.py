@@ -3,11 +3,10 @@ upstream classes (shared/upstream/VARGPT-v1.1), loaded like a real one; the conf
 training cycles with an exact resume, `asgkit score`, `asgkit bench` and torchrun.
 
 Runs in the VARGPT environment (pip install -e '.[vargpt]': transformers 4.46) with
-ASGKIT_UPSTREAM set to a folder holding VARGPT-v1.1/; skipped otherwise."""
+ASGKIT_UPSTREAM set to a folder holding VARGPT-v1.1/; skipped otherwise (conftest.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,40 +18,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from typer.testing import CliRunner
+
+from asg_kit import prompts
+from asg_kit.adapters.base import AnswerRequest
+from asg_kit.adapters.tiny_vargpt import write_tiny_vargpt
+from asg_kit.adapters.vargpt import VARGPTAdapter
+from asg_kit.cli import app
+from asg_kit.images import load_image
+from asg_kit.micro.pool import write_pool
+from asg_kit.train.loop import TrainConfig, train
+
 pytestmark = pytest.mark.vargpt
 
-
-def _skip_reason() -> str | None:
-    root = os.environ.get("ASGKIT_UPSTREAM")
-    if not root:
-        return "set ASGKIT_UPSTREAM to a folder holding VARGPT-v1.1/ (CI: ../shared/upstream)"
-    if not (Path(root) / "VARGPT-v1.1" / "vargpt_qwen_v1_1" / "modeling_vargpt_qwen2_vl.py").is_file():
-        return f"no VARGPT-v1.1 checkout in ASGKIT_UPSTREAM={root}"
-    import transformers
-
-    if not transformers.__version__.startswith("4.46."):
-        return f"needs the VARGPT environment (pip install -e '.[vargpt]': transformers 4.46, here {transformers.__version__})"
-    missing = [m for m in ("timm", "einops", "cv2", "torchvision", "peft") if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"needs the VARGPT environment (pip install -e '.[vargpt]'): {', '.join(missing)} missing"
-    return None
-
-
-if _skip_reason():
-    pytest.skip(_skip_reason(), allow_module_level=True)
-
-from typer.testing import CliRunner  # noqa: E402
-
-from asg_kit import prompts  # noqa: E402
-from asg_kit.adapters.base import AnswerRequest  # noqa: E402
-from asg_kit.adapters.tiny_vargpt import write_tiny_vargpt  # noqa: E402
-from asg_kit.adapters.vargpt import VARGPTAdapter  # noqa: E402
-from asg_kit.cli import app  # noqa: E402
-from asg_kit.images import load_image  # noqa: E402
-from asg_kit.micro.pool import write_pool  # noqa: E402
-from asg_kit.train.loop import TrainConfig, train  # noqa: E402
-
-UPSTREAM = str(Path(os.environ["ASGKIT_UPSTREAM"]) / "VARGPT-v1.1")
+UPSTREAM = str(Path(os.environ.get("ASGKIT_UPSTREAM", "")) / "VARGPT-v1.1")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "shapes_geneval"
 SPEC = "draw : a red circle | what color is the circle ? red | what shape is it ? circle"
 runner = CliRunner()

@@ -267,9 +267,6 @@ def install_flash_attn_fallback() -> bool:
     # availability checks; with one but no installed distribution they report it absent.
     module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
     module.__version__ = FLASH_ATTN_FALLBACK_VERSION
-    # importlib.util.find_spec("flash_attn") (transformers asks it) raises on a module without a
-    # spec; with one and no installed distribution, transformers still reports flash-attn absent.
-    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
     module.flash_attn_varlen_func = _flash_attn_varlen_func
     module.flash_attn_varlen_kvpacked_func = _flash_attn_varlen_kvpacked_func
     module.flash_attn_func = _flash_attn_func
