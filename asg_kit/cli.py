@@ -202,6 +202,8 @@ def train(
     proposer_max_new_tokens: int = typer.Option(384, help="Longest Proposer question or spec."),
     checkpoint_every: int = typer.Option(50, help="Steps between checkpoints."),
     upstream: Optional[Path] = UPSTREAM,
+    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda (under torchrun: each rank its own GPU)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype, e.g. bfloat16."),
 ) -> None:
     """Improve a unified model from unlabeled images: the Proposer asks, the Solver answers and judges, the Generator draws, every reward comes from the model's own consistency. Run under torchrun for several processes."""
     from asg_kit.train.loop import TrainConfig, config_from_run, train as run_training
@@ -215,7 +217,8 @@ def train(
         config = TrainConfig(backbone=backbone, model=model, images=str(images), out=str(out), steps=steps, seed=seed, lr=lr,
                              guidance_scale=guidance, solver_max_new_tokens=solver_max_new_tokens,
                              proposer_max_new_tokens=proposer_max_new_tokens, spec_max_new_tokens=proposer_max_new_tokens,
-                             checkpoint_every=checkpoint_every, upstream=str(upstream) if upstream else None)  # fmt: skip
+                             checkpoint_every=checkpoint_every, upstream=str(upstream) if upstream else None,
+                             device=device, dtype=dtype)  # fmt: skip
     _quiet_transformers()
     with _progress() as progress:
         task = progress.add_task("training", total=config.steps)

@@ -78,6 +78,8 @@ class TrainConfig:
     backbone: str = "micro"
     model: str | None = None
     upstream: str | None = None  # upstream checkout, for the backbones that run one
+    device: str | None = None  # e.g. "cuda": under torchrun each rank takes cuda:LOCAL_RANK
+    dtype: str | None = None  # weights dtype, e.g. "bfloat16"
     images: str = ""
     out: str = "runs/asg"
     steps: int = 10_000
@@ -151,7 +153,11 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
     if rank == 0:
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
-    backbone = load_backbone(config.backbone, model=config.model, **({"upstream": config.upstream} if config.upstream else {}))
+    device = config.device
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    options = {"upstream": config.upstream, "device": device, "dtype": config.dtype}
+    backbone = load_backbone(config.backbone, model=config.model, **{k: v for k, v in options.items() if v})
     if backbone.generation_paradigm != "ar_tokens" and config.generation_per_cycle:
         raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone; only 'ar_tokens' is built")
     pool = list_pool(config.images)
@@ -266,7 +272,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
                         for reward in judged.solver_rewards:
                             advantages.append(reward - solver_baseline.current)
                             solver_baseline.update(reward)
-                    loss = (torch.tensor(advantages) * nll).mean() + kl_control.beta * kl.mean()
+                    loss = (torch.tensor(advantages, device=nll.device) * nll).mean() + kl_control.beta * kl.mean()
                     kl_measured = kl.mean().item()
                     row.update(solver_loss=loss.item(), kl=kl_measured)
             row["solver_skip"] = apply("solver", loss, reason)
@@ -299,7 +305,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
                 with torch.no_grad(), backbone.role(None):
                     reference = backbone.score_completions(requests, [a.token_ids for a in asked])
                 mean_lp, mean_ref = masked_mean(scored.logprobs, scored.mask), masked_mean(reference.logprobs, reference.mask)
-                surrogate = clipped_surrogate(torch.tensor(advantages), mean_lp, mean_ref, config.clip_ratio)
+                surrogate = clipped_surrogate(torch.tensor(advantages, device=mean_lp.device), mean_lp, mean_ref, config.clip_ratio)
                 loss = surrogate.mean() + kl_control.beta * torch.relu(mean_lp - mean_ref).mean()
                 row.update(proposer_loss=loss.item())
             row.update(proposer_group_rewards=rewards, proposer_skip=apply("proposer", loss, reason))
@@ -343,7 +349,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
                     with torch.no_grad(), backbone.role(None):
                         reference = backbone.generation_logprobs(drawn.rollout)
                     mean_lp, mean_ref = logprobs.mean(-1), reference.mean(-1)
-                    surrogate = clipped_surrogate(torch.tensor(advantages), mean_lp, mean_ref, config.clip_ratio)
+                    surrogate = clipped_surrogate(torch.tensor(advantages, device=mean_lp.device), mean_lp, mean_ref, config.clip_ratio)
                     kl_measured = torch.relu(mean_lp - mean_ref).mean().item()
                     loss = surrogate.mean() + kl_control.beta * torch.relu(mean_lp - mean_ref).mean()
                     row.update(generator_loss=loss.item(), kl=kl_measured)
