@@ -132,7 +132,11 @@ def score(
     out = out or default_output(folder, difficulty)
     options = {k: v for k, v in {"device": device, "dtype": dtype, "upstream": str(upstream) if upstream else None}.items() if v}
     _quiet_transformers()
-    judge = load_backbone(backbone, model=model, **options)
+    try:
+        judge = load_backbone(backbone, model=model, **options)
+    except (ValueError, OSError, ImportError) as error:
+        errors.print(f"[red]error:[/red] {escape(' '.join(str(error).split()))}", highlight=False)
+        raise typer.Exit(2)
     with _progress() as progress:
         task = progress.add_task(f"scoring {len(discovery.entries)} images ({discovery.layout} layout)", total=len(discovery.entries))
         try:
