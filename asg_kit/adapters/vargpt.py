@@ -157,13 +157,16 @@ def quiet() -> Iterator[None]:
 
 
 class _BitRecorder:
-    """Wraps upstream's sampler (a module global looked up at call time) for one call of the
-    next-scale loop: it receives each scale's logits already divided by tau and guided, masks
-    them in place by top-k/top-p and draws; afterwards log_softmax of the masked logits at the
-    drawn bit is the exact behaviour log-prob."""
+    """Takes the place of upstream's sampler (a module global looked up at call time) for one
+    call of the next-scale loop. It receives each scale's logits, already divided by tau and
+    guided, for all rows; it draws every row with that row's own generator through upstream's
+    sampler (which masks the logits in place by top-k/top-p), so a row samples the same bits
+    alone or in a batch, and keeps the drawn bits with log_softmax of the masked logits at
+    them: the exact behaviour log-probs."""
 
-    def __init__(self, modeling) -> None:
+    def __init__(self, modeling, generators: Sequence[torch.Generator]) -> None:
         self.modeling = modeling
+        self.generators = list(generators)
         self.real = modeling.sample_with_top_k_top_p_also_inplace_modifying_logits_
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -171,7 +174,10 @@ class _BitRecorder:
         def recording(logits_BlV, top_k=0, top_p=0.0, rng=None, num_samples=1):
             if torch.isnan(logits_BlV).any() or torch.isposinf(logits_BlV).any():
                 raise NonFiniteLogits("NaN or inf in the bit logits while sampling an image")
-            drawn = self.real(logits_BlV, top_k=top_k, top_p=top_p, rng=rng, num_samples=num_samples)
+            drawn = torch.cat([
+                self.real(logits_BlV[r : r + 1], top_k=top_k, top_p=top_p, rng=generator, num_samples=num_samples)
+                for r, generator in enumerate(self.generators)
+            ])  # fmt: skip
             logprobs = torch.log_softmax(logits_BlV.float(), -1).gather(-1, drawn[..., :1]).squeeze(-1)
             self.calls.append((drawn[..., 0].detach(), logprobs.detach()))
             return drawn
@@ -183,9 +189,10 @@ class _BitRecorder:
         self.modeling.sample_with_top_k_top_p_also_inplace_modifying_logits_ = self.real
 
     def bits_and_logprobs(self, bits_per_token: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, tokens, bits) drawn bits and their behaviour log-probs, scales concatenated."""
-        bits = torch.cat([b.reshape(1, -1, bits_per_token) for b, _ in self.calls], 1)
-        logprobs = torch.cat([lp.reshape(1, -1, bits_per_token) for _, lp in self.calls], 1)
+        """(rows, tokens, bits) drawn bits and their behaviour log-probs, scales concatenated."""
+        rows = len(self.generators)
+        bits = torch.cat([b.reshape(rows, -1, bits_per_token) for b, _ in self.calls], 1)
+        logprobs = torch.cat([lp.reshape(rows, -1, bits_per_token) for _, lp in self.calls], 1)
         return bits, logprobs
 
 
@@ -207,9 +214,9 @@ def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     return token, float(logprobs[token])
 
 
-def _to_pil(image_bgr: torch.Tensor) -> Image.Image:
-    """Upstream's (1, H, W, 3) uint8 image, channels flipped for cv2.imwrite, as RGB PIL."""
-    return Image.fromarray(image_bgr[0].flip(-1).cpu().numpy())
+def _to_pil(images_bgr: torch.Tensor) -> list[Image.Image]:
+    """Upstream's (n, H, W, 3) uint8 images, channels flipped for cv2.imwrite, as RGB PIL."""
+    return [Image.fromarray(image) for image in images_bgr.flip(-1).cpu().numpy()]
 
 
 class VARGPTAdapter:
@@ -663,10 +670,10 @@ class VARGPTAdapter:
         for p, prompt in enumerate(prompts):
             ids = self.generation_prompt_ids(prompt)
             row_seeds = [seed + p * n + j for j in range(n)]
-            drawn = self._sample_images(ids, row_seeds, guidance_scale, temperature)
-            images.append([image for image, _, _ in drawn])
-            bits += [b for _, b, _ in drawn]
-            logprobs += [lp for _, _, lp in drawn]
+            drawn, drawn_bits, drawn_logprobs = self._sample_images(ids, row_seeds, guidance_scale, temperature)
+            images.append(drawn)
+            bits.append(drawn_bits)
+            logprobs.append(drawn_logprobs)
             prompt_ids += [ids] * n
             prompt_index += [p] * n
             seeds += row_seeds
@@ -693,30 +700,43 @@ class VARGPTAdapter:
         return row, cache, hidden
 
     def _sample_images(self, ids, seeds, guidance_scale, temperature):
-        """n images of one prompt: one prefill, then upstream's next-scale sampler once per image
-        on a copy of the cache, each seeded with its own seed (upstream: the wall clock)."""
+        """n images of one prompt in one batched call of upstream's next-scale sampler, after one
+        prompt prefill whose KV cache is copied to every row; each row draws with its own seed
+        (upstream: one image per call, seeded from the wall clock)."""
         row, cache, hidden = self._prefill(ids)
+        n = len(seeds)
+        cache.batch_repeat_interleave(n)
+        rows = row.expand(n, -1)
         schedule = self.scale_schedule()
         steps = len(schedule)
         args = self.model.vargpt_gen_args
-        out = []
+        prompt_states = hidden[0, :-1]  # what the image cross-attends to: the prompt, without the start token
+
+        def cross_attention_context(negative_label_B_or_BLT=None, cfg=False):
+            # upstream's version reads one prompt (past_hidden_states, batch 1); here n copies
+            # of it, then, with guidance, n copies of the unconditional context
+            context = self.model.image_gen_projector_out(prompt_states)
+            length = context.shape[0]
+            parts = [context] * n + ([self.model.vargpt_gen.cfg_uncond[:length].to(context.dtype)] * n if cfg else [])
+            edges = torch.arange(len(parts) + 1, dtype=torch.int32, device=context.device) * length
+            return torch.cat(parts), edges, length
+
+        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        self.model.get_ca_kv_cross = cross_attention_context
         try:
-            for j, sample_seed in enumerate(seeds):
-                self.model.past_hidden_states = hidden
-                sample_cache = cache if j == len(seeds) - 1 else copy.deepcopy(cache)
-                with _BitRecorder(self.up.modeling) as recorder:
-                    _, _, image, _ = self.model.autoregressive_infer_cfg(
-                        scale_schedule=schedule, label_B_or_BLT=self.model.get_sos_word_embeddings(row, row), B=1,
-                        g_seed=int(sample_seed), cfg_list=[guidance_scale] * steps, tau_list=[temperature] * steps,
-                        top_k=self.top_k, top_p=self.top_p, returns_vemb=1, cfg_insertion_layer=[0], vae_type=args.vae_type,
-                        ret_img=True, inference_mode=True, sampling_per_bits=args.sampling_per_bits,
-                        past_key_values=sample_cache, use_cache=True, return_dict=True, inference_image_gen=True,
-                    )  # fmt: skip
-                bits, logprobs = recorder.bits_and_logprobs(self.bits_per_token)
-                out.append((_to_pil(image), bits.long().cpu(), logprobs.cpu()))
+            with _BitRecorder(self.up.modeling, generators) as recorder:
+                _, _, images, _ = self.model.autoregressive_infer_cfg(
+                    scale_schedule=schedule, label_B_or_BLT=self.model.get_sos_word_embeddings(rows, rows), B=n,
+                    g_seed=int(seeds[0]), cfg_list=[guidance_scale] * steps, tau_list=[temperature] * steps,
+                    top_k=self.top_k, top_p=self.top_p, returns_vemb=1, cfg_insertion_layer=[0], vae_type=args.vae_type,
+                    ret_img=True, inference_mode=True, sampling_per_bits=args.sampling_per_bits,
+                    past_key_values=cache, use_cache=True, return_dict=True, inference_image_gen=True,
+                )  # fmt: skip
         finally:
+            del self.model.get_ca_kv_cross
             self.model.past_hidden_states = None
-        return out
+        bits, logprobs = recorder.bits_and_logprobs(self.bits_per_token)
+        return _to_pil(images), bits.long().cpu(), logprobs.cpu()
 
     def _teacher_inputs(self, bits: torch.Tensor, schedule) -> torch.Tensor:
         """Sampled bits -> Infinity's next-scale inputs (rows, tokens - first scale, bits), built as
