@@ -5,8 +5,8 @@ step's time goes, and n candidate images from one shared prefill against upstrea
    rollout (Proposer questions, screening and 7 Solver answers / the Generator's candidates),
    scoring (vote statistics / R_G of every candidate with the Solver) and update (teacher-forced
    policy and reference log-probs, loss, backward).
-2. n images of one prompt: the adapter (one prompt prefill, upstream's next-scale sampler per
-   image on a copy of the cache, bits and behaviour log-probs recorded) against upstream's own
+2. n images of one prompt: the adapter (one prompt prefill, upstream's next-scale sampler once
+   for all n rows, per-row seeds, bits and behaviour log-probs recorded) against upstream's own
    path, one ``generate()`` call per image (prompt prefill, the image-start token, then
    ``forward(inference_image_gen=True)``, which writes a file).
 
