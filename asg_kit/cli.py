@@ -234,8 +234,8 @@ def train(
 
         try:
             folder = run_training(config, resume=resume is not None, log=log)
-        except FileNotFoundError as error:
-            errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        except (OSError, ImportError) as error:  # a missing pool, checkpoint, upstream checkout or dependency
+            errors.print(f"[red]error:[/red] {escape(' '.join(str(error).split()))}", highlight=False)
             raise typer.Exit(2)
     console.print(f"run: {folder} (metrics.jsonl, checkpoint/roles/)")
 

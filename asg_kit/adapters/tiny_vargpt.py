@@ -50,7 +50,7 @@ def _corpus() -> list[str]:
     from asg_kit.adapters.tiny_janus import DEFAULT_WORDS
 
     texts = [value for value in vars(prompts).values() if isinstance(value, str)]
-    texts += [" ".join(DEFAULT_WORDS), "You are a helpful assistant.", "Please design a drawing of a red circle"]
+    texts += [" ".join(DEFAULT_WORDS), "You are a helpful assistant.", "Can you depict a scene of a red circle"]
     for framing in range(7):
         try:
             texts.append(prompts.solver_prompt("what color is the circle?", framing))

@@ -24,6 +24,7 @@ import importlib
 import io
 import sys
 import types
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -93,7 +94,9 @@ def import_vargpt(upstream: str | Path | None = None) -> types.SimpleNamespace:
     install_flash_attn_fallback()
     put_on_path(checkout)
     package = "vargpt_qwen_v1_1"
-    modeling = importlib.import_module(f"{package}.modeling_vargpt_qwen2_vl")
+    with warnings.catch_warnings():  # upstream imports timm's deprecated paths: not the user's concern
+        warnings.simplefilter("ignore", FutureWarning)
+        modeling = importlib.import_module(f"{package}.modeling_vargpt_qwen2_vl")
     if not torch.cuda.is_available():  # Infinity's AdaLN is torch.compile'd: an inductor build per shape on CPU
         for name, module in list(sys.modules.items()):
             if name.startswith(package + ".") and module is not None:
@@ -227,8 +230,9 @@ class VARGPTAdapter:
     name = "vargpt"
     generation_paradigm = "ar_tokens"
     default_model: str | None = "VARGPT-family/VARGPT-v1.1"
-    # How a prompt is phrased for image generation (upstream's examples ask in this form).
-    generation_instruction = "Please design a drawing of {prompt}"
+    # How a prompt is asked for as an image (the form of upstream's README examples,
+    # "Can you depict a scene of ..."); a class attribute, to match another evaluation.
+    generation_instruction = "Can you depict a scene of {prompt}"
 
     def __init__(
         self,
