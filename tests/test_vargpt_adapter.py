@@ -210,6 +210,19 @@ def test_asgkit_train_cli_runs_cycles_and_resumes(tiny, pool, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["upstream"] == UPSTREAM
 
 
+def test_missing_checkout_or_checkpoint_is_one_line(tiny, pool, tmp_path):
+    common = ["train", "--backbone", "vargpt", "--images", str(pool), "--out", str(tmp_path / "run"), "--steps", "1"]
+    # a fresh process: here the checkout is imported already, and $ASGKIT_UPSTREAM would be the fallback
+    env = {k: v for k, v in os.environ.items() if k != "ASGKIT_UPSTREAM"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-m", "asg_kit.cli", *common, "--model", str(tiny), "--upstream", str(tmp_path / "nowhere")],
+                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "8c67c263497a4f303b3e9668b49217d70bd47a44" in output and "Traceback" not in output
+    result = runner.invoke(app, [*common, "--model", str(tmp_path / "no-model"), "--upstream", UPSTREAM])
+    assert result.exit_code == 2 and "VARGPT-v1.1 checkpoint" in result.output
+
+
 def test_two_processes_under_torchrun(tiny, pool, tmp_path):
     config = config_for(tiny, pool, tmp_path / "ddp", steps=4, checkpoint_every=4, understanding_per_cycle=1, generation_per_cycle=1)
     path = tmp_path / "config.json"

@@ -79,9 +79,11 @@ _UPSTREAM: types.SimpleNamespace | None = None
 def import_vargpt(upstream: str | Path | None = None) -> types.SimpleNamespace:
     """Import VARGPT-v1.1's modules from the user's checkout (once per process)."""
     global _UPSTREAM
-    if _UPSTREAM is not None:
-        return _UPSTREAM
     checkout = locate_upstream("vargpt", upstream)
+    if _UPSTREAM is not None:
+        if checkout != _UPSTREAM.checkout:
+            raise ImportError(f"VARGPT-v1.1's code is already imported from {_UPSTREAM.checkout}; one process runs one checkout (asked for {checkout})")
+        return _UPSTREAM
     allow_torchvision_without_ops()  # before transformers' model code imports torchvision
     import transformers
 
