@@ -116,37 +116,46 @@ def score(
     difficulty: bool = typer.Option(False, "--difficulty", help="Rank unlabeled images by difficulty instead (Proposer questions, STE, self-consistency, bucket); needs no prompts."),
     device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda."),
     dtype: Optional[str] = typer.Option(None, help="Weights dtype, e.g. bfloat16."),
+    fresh: bool = typer.Option(False, "--fresh", help="Replace what is at --out (another job's rows, or any file that is not an input) instead of resuming."),
+    max_prompt_chars: int = typer.Option(2000, help="Longer prompts and questions get a row with the reason instead of a model call."),
+    max_pixels: Optional[int] = typer.Option(None, help="Larger images get a row with the reason (default: Pillow's decompression-bomb limit, about 89 megapixels); large images below it are downscaled."),
+    report: bool = typer.Option(False, "--report", help="Also write OUT with .html: one self-contained page to look at the images beside their scores (see `asgkit report`)."),
     upstream: Optional[Path] = UPSTREAM,
 ) -> None:
-    """Judge generated images with the model's own Solver: per-question answers and matches, contradictions, a cycle caption, diversity, and the combined reward R_G. Re-running resumes: finished images are skipped."""
+    """Judge generated images with the model's own Solver: per-question answers and matches, contradictions, a cycle caption, diversity, and the combined reward R_G. Re-running the same job resumes: finished images are skipped, errors retried."""
     from asg_kit.adapters.registry import load_backbone
     from asg_kit.folders import FolderError, discover
     from asg_kit.jsonl import JsonlError
-    from asg_kit.score import ScoreOptions, default_output, run_score, summary_path
+    from asg_kit.score import Judge, ScoreOptions, ScoreOutput, ScoreSetupError, check_judge, default_output, run_score, summary_path
 
+    out = out or default_output(folder, difficulty)
+    settings = ScoreOptions(samples=samples, seed=seed, questions=questions, difficulty=difficulty, fresh=fresh, max_prompt_chars=max_prompt_chars)
+    if max_pixels is not None:
+        settings.max_pixels = max_pixels
     try:
         discovery = discover(folder)
-    except FolderError as error:
+        identity = Judge(backbone, model, dtype, device)
+        check_judge(identity, device)
+        output = ScoreOutput(folder, out, discovery, settings, identity)
+        with output:
+            options = {k: v for k, v in {"device": device, "dtype": dtype, "upstream": str(upstream) if upstream else None}.items() if v}
+            _quiet_transformers()
+            try:
+                judge = load_backbone(backbone, model=model, **options)
+            except (OSError, ValueError, ImportError) as error:  # a model that cannot be loaded, an option it refuses
+                raise ScoreSetupError(" ".join(str(error).split())) from None
+            with _progress() as progress:
+                task = progress.add_task(f"scoring {len(discovery.entries)} images ({discovery.layout} layout)", total=len(discovery.entries))
+                summary = run_score(judge, folder, out, settings, progress=lambda n, total: progress.advance(task, n), discovery=discovery, output=output)
+    except (FolderError, ScoreSetupError, JsonlError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
-    out = out or default_output(folder, difficulty)
-    options = {k: v for k, v in {"device": device, "dtype": dtype, "upstream": str(upstream) if upstream else None}.items() if v}
-    _quiet_transformers()
-    try:
-        judge = load_backbone(backbone, model=model, **options)
-    except (ValueError, OSError, ImportError) as error:
-        errors.print(f"[red]error:[/red] {escape(' '.join(str(error).split()))}", highlight=False)
-        raise typer.Exit(2)
-    with _progress() as progress:
-        task = progress.add_task(f"scoring {len(discovery.entries)} images ({discovery.layout} layout)", total=len(discovery.entries))
-        try:
-            summary = run_score(judge, folder, out, ScoreOptions(samples=samples, seed=seed, questions=questions, difficulty=difficulty),
-                                progress=lambda n, total: progress.advance(task, n), discovery=discovery)  # fmt: skip
-        except JsonlError as error:
-            errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
-            raise typer.Exit(2)
     _print_summary(summary, difficulty)
     console.print(f"rows: {out}\nsummary: {summary_path(out)}")
+    if report:
+        from asg_kit.report import write_score_report
+
+        console.print(f"report: {write_score_report(out, folder)}")
     if summary["scored"] == 0:
         errors.print("[red]error:[/red] no image could be scored; the reasons are listed above and in the summary", highlight=False)
         raise typer.Exit(1)
@@ -545,6 +554,26 @@ def bench_save_data(
             raise typer.Exit(2)
         console.print(f"{task} -> {target}")
 
+
+@app.command("report")
+def report(
+    rows: Path = typer.Argument(..., help="A score output (JSONL) written by `asgkit score` or `asgkit score --difficulty`."),
+    folder: Optional[Path] = typer.Option(None, help="The scored image folder (default: the one the output's job record names)."),
+    out: Optional[Path] = typer.Option(None, help="The HTML file to write (default: ROWS with .html)."),
+) -> None:
+    """Write one self-contained HTML page of a score output: thumbnails, prompts, questions, Solver answers, captions, R_G and its parts, sortable by any column; opens from disk in a browser, no server, no network."""
+    from asg_kit.jsonl import JsonlError
+    from asg_kit.report import write_score_report
+
+    if not rows.is_file():
+        errors.print(f"[red]error:[/red] {escape(str(rows))} is not a file; pass the JSONL written by `asgkit score`", highlight=False)
+        raise typer.Exit(2)
+    try:
+        written = write_score_report(rows, folder, out)
+    except (JsonlError, OSError) as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
+    console.print(f"report: {written}")
 
 if __name__ == "__main__":
     app()

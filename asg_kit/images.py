@@ -16,7 +16,11 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_PIXELS = 40_000_000
+# Pillow's own decompression-bomb limit: anything a plain ``Image.open`` accepts is scored.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Larger images are downscaled to this many pixels at most before they are held in memory:
+# every backbone resizes to a few hundred pixels a side anyway.
+WORKING_PIXELS = 4096 * 4096
 
 
 class BadImage(ValueError):
@@ -31,7 +35,9 @@ class LoadedImage:
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, background: tuple[int, int, int] = (255, 255, 255)) -> LoadedImage:
     """Open ``path`` as 8-bit RGB: alpha composited on ``background``, palettes expanded,
-    CMYK and 16-bit converted, an animation's first frame. Raises ``BadImage``."""
+    CMYK and 16-bit converted, an animation's first frame, non-finite float pixels set to 0,
+    images over ``WORKING_PIXELS`` downscaled. Images over ``max_pixels`` (default: Pillow's
+    decompression-bomb limit) are refused. Raises ``BadImage``."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -40,20 +46,30 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, background: tuple
     if size == 0:
         raise BadImage("empty file (0 bytes)")
     notes: list[str] = []
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # Our own limit replaces Pillow's, which would otherwise refuse (or warn) on its own terms.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
-                    raise BadImage(f"image too large: {width}x{height} pixels (limit {max_pixels})")
+                    raise BadImage(f"image too large: {width}x{height} pixels (limit {max_pixels}; --max-pixels)")
                 if getattr(opened, "n_frames", 1) > 1:
                     notes.append(f"animated ({opened.n_frames} frames): first frame scored")
                     opened.seek(0)
+                if width * height > WORKING_PIXELS:
+                    scale = (WORKING_PIXELS / (width * height)) ** 0.5
+                    opened.draft(opened.mode, (max(1, int(width * scale)), max(1, int(height * scale))))  # JPEG decodes smaller
                 opened.load()
                 image = _to_rgb(opened, background, notes)
+                if image.width * image.height > WORKING_PIXELS:
+                    scale = (WORKING_PIXELS / (image.width * image.height)) ** 0.5
+                    image = image.resize((max(2, int(image.width * scale)), max(2, int(image.height * scale))), Image.Resampling.BOX)
+                if image.size != (width, height):
+                    notes.append(f"downscaled from {width}x{height} to {image.width}x{image.height}")
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -63,7 +79,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, background: tuple
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImage(f"corrupt or truncated image: {error}") from None
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = previous
     if image.width < 2 or image.height < 2:
         raise BadImage(f"image too small: {image.width}x{image.height} pixels")
     return LoadedImage(image, notes)
@@ -76,8 +92,12 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int], notes: list[st
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         notes.append(f"{mode} pixels scaled to 8 bits")
         array = np.asarray(image, dtype=np.float64)
+        finite = np.isfinite(array)
+        if not finite.all():
+            notes.append(f"{int((~finite).sum())} non-finite pixels (NaN or infinity) set to 0")
+            array = np.where(finite, array, 0.0)
         top = array.max() if array.size and array.max() > 0 else 1.0
-        return Image.fromarray((array / top * 255.0).round().astype(np.uint8)).convert("RGB")
+        return Image.fromarray((np.clip(array, 0.0, None) / top * 255.0).round().astype(np.uint8)).convert("RGB")
     if mode == "P":
         image = image.convert("RGBA")
         mode = "RGBA"

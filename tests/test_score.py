@@ -105,7 +105,7 @@ def _bad_folder(folder):
     cases["truncated.png"] = "corrupt or truncated"
     (folder / "text.png").write_text("this is not a picture")
     cases["text.png"] = "not an image"
-    Image.new("RGB", (9000, 9000)).save(folder / "huge.png")
+    Image.new("RGB", (10000, 9000)).save(folder / "huge.png")  # over Pillow's decompression-bomb limit
     cases["huge.png"] = "too large"
     good.convert("CMYK").save(folder / "cmyk.jpg")
     Image.fromarray((np.asarray(good.convert("L"), dtype=np.uint16) * 257)).save(folder / "sixteen.png")

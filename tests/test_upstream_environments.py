@@ -107,7 +107,6 @@ def test_flash_attn_fallback_keeps_transformers_importable():
         assert install_flash_attn_fallback()
         assert importlib.util.find_spec("flash_attn") is not None
         from transformers.utils import is_flash_attn_2_available
-        import transformers.modeling_utils
         print(is_flash_attn_2_available())
         """
     )

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from asg_kit.adapters.base import AnswerRequest, ConformanceHooks, NonFiniteLogits, UnifiedBackbone
+from asg_kit.adapters.base import AnswerRequest, NonFiniteLogits, UnifiedBackbone
 
 # Largest accepted gap per quantity and weights dtype. Log-probs and entropies compare a
 # KV-cached decode with one teacher-forced forward (different kernels, same math); a
@@ -159,7 +159,7 @@ class _Checker:
         return own, others, frozen
 
     def generator_loss(self, rollout) -> torch.Tensor:
-        if isinstance(self.b, ConformanceHooks) or hasattr(self.b, "generator_loss"):
+        if hasattr(self.b, "generator_loss"):
             return self.b.generator_loss(rollout)
         if self.b.generation_paradigm == "ar_tokens":
             return -self.b.generation_logprobs(rollout).mean()
@@ -202,15 +202,17 @@ class _Checker:
             together = self.b.sample_answers(requests, max_new_tokens=self.max_new_tokens, seed=self.seed)
             again = self.b.sample_answers(requests, max_new_tokens=self.max_new_tokens, seed=self.seed)
             alone = [self.b.sample_answers([r], max_new_tokens=self.max_new_tokens, seed=self.seed)[0] for r in requests]
-            unseeded = self.requests(temperature=1.0, seeds=False)
-            first = self.b.sample_answers(unseeded, max_new_tokens=self.max_new_tokens, seed=self.seed)
-            others = [self.b.sample_answers(unseeded, max_new_tokens=self.max_new_tokens, seed=self.seed + 1000 * k) for k in (1, 2, 3)]
+            # Hot enough that a confident real model still varies within a few tokens.
+            unseeded = self.requests(temperature=2.0, seeds=False)
+            length = max(self.max_new_tokens, 8)
+            first = self.b.sample_answers(unseeded, max_new_tokens=length, seed=self.seed)
+            others = [self.b.sample_answers(unseeded, max_new_tokens=length, seed=self.seed + 1000 * k) for k in (1, 2, 3)]
         differ = sum(a.token_ids != b.token_ids for a, b in zip(together, alone))
         yield CheckResult("batch_invariance", differ == 0, float(differ), 0.0, f"requests whose tokens change inside a batch of {len(requests)} (2 images, 1 text-only)")
         repeat = sum(a.token_ids != b.token_ids for a, b in zip(together, again))
         yield CheckResult("seed_repeats", repeat == 0, float(repeat), 0.0, "requests whose tokens change for the same seed")
         changed = sum(any(a.token_ids != b.token_ids for a, b in zip(first, other)) for other in others)
-        yield CheckResult("seed_varies", changed > 0, float(changed), None, f"of {len(others)} other seeds, how many change the samples (needs > 0)")
+        yield CheckResult("seed_varies", changed > 0, float(changed), None, f"of {len(others)} other seeds, how many change the samples at temperature 2 (needs > 0)")
 
     def check_roles(self):
         base = self.score(None)
@@ -270,31 +272,42 @@ class _Checker:
 
     def _peft_loading(self, folder: Path, saved: dict) -> CheckResult:
         """Each role folder loads with ``peft.PeftModel.from_pretrained`` onto a weightless
-        (meta-device) copy of the base model with exactly that role's LoRA weights, and its
-        saved tensors equal the role's weights. The weightless copy keeps this cheap for a
-        7B model; peft leaves the loaded LoRA tensors on the base's (meta) device, so their
-        values are compared from the files that ``from_pretrained`` read."""
+        (meta-device) copy of the base model, with exactly that role's LoRA weights, and its
+        tensors equal the role's. The weightless copy keeps this cheap for a 7B model; peft
+        leaves the loaded LoRA tensors on the base's (meta) device, so their values are read
+        from the files ``from_pretrained`` read. A base that cannot be built from its config
+        alone (upstream models with sub-models) is checked with ``PeftModel.load_adapter``,
+        the same loader, into the live model under a scratch name that is deleted after."""
         from peft import PeftModel
         from peft.utils import load_peft_weights
 
         peft_models = [m for m in _modules(self.b) if isinstance(m, PeftModel)]
         if not peft_models:
             return CheckResult("peft_loading", False, None, None, "no peft.PeftModel among the backbone's modules")
-        base = peft_models[0].get_base_model()
-        config = getattr(base, "config", None)
-        if config is None:
-            return CheckResult("peft_loading", False, None, None, f"{type(base).__name__} has no config to build a weightless copy from")
-        named = dict(peft_models[0].named_parameters())
+        live = peft_models[0]
+        base = live.get_base_model()
+        try:
+            with torch.device("meta"):
+                type(base)(base.config)
+            weightless = True
+        except Exception:
+            weightless = False
+        named = dict(live.named_parameters())
         worst, mismatched = 0.0, []
         for role in self.roles:
-            if hasattr(self.b, "weightless_base"):  # backbones whose constructor cannot run on meta
-                skeleton = self.b.weightless_base()
-            else:
-                with torch.device("meta"):
-                    skeleton = type(base)(config)
-            loaded = PeftModel.from_pretrained(skeleton, str(folder / role), adapter_name=role, low_cpu_mem_usage=True)
             expected = {name: p for name, p in named.items() if "lora_" in name and f".{role}." in name}
-            if {name for name, _ in loaded.named_parameters() if "lora_" in name} != set(expected):
+            if weightless:
+                with torch.device("meta"):
+                    skeleton = type(base)(base.config)
+                loaded = PeftModel.from_pretrained(skeleton, str(folder / role), adapter_name=role, low_cpu_mem_usage=True)
+                names = {name for name, _ in loaded.named_parameters() if "lora_" in name}
+                del loaded, skeleton
+            else:
+                scratch = f"conformance_{role}"
+                live.load_adapter(str(folder / role), adapter_name=scratch)
+                names = {name.replace(f".{scratch}.", f".{role}.") for name, _ in live.named_parameters() if f".{scratch}." in name}
+                live.delete_adapter(scratch)
+            if names != set(expected):
                 mismatched.append(role)
                 continue
             files = load_peft_weights(str(folder / role), device="cpu")
@@ -304,8 +317,8 @@ class _Checker:
                     mismatched.append(role)
                     break
                 worst = max(worst, _max_gap(files[key], p))
-            del loaded, skeleton
-        detail = f"roles whose folder holds other weights: {', '.join(mismatched)}" if mismatched else f"{len(self.roles)} role folders, weights equal"
+        how = "from_pretrained on a weightless base" if weightless else "load_adapter into the live model"
+        detail = f"roles whose folder holds other weights: {', '.join(mismatched)}" if mismatched else f"{len(self.roles)} role folders ({how}), weights equal"
         return CheckResult("peft_loading", not mismatched and worst == 0.0, worst, 0.0, detail)
 
     def check_embeddings(self):
@@ -391,26 +404,23 @@ class _Checker:
         yield CheckResult("nan_logits_raise", not failures, float(len(failures)), 0.0, "; ".join(failures) or "NonFiniteLogits from sample_answers and generate_images")
 
     def check_prompt_injection(self):
-        if not isinstance(self.b, ConformanceHooks):
+        if not (hasattr(self.b, "prompt_ids") and hasattr(self.b, "tokenizer")):
             yield CheckResult("prompt_injection", False, None, None, "needs the backbone's prompt_ids(text, with_image) and tokenizer (ConformanceHooks)")
             return
         tokenizer = self.b.tokenizer
         special = {index for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(token, "special", False)}
         special |= set(tokenizer.all_special_ids)
         special.discard(tokenizer.unk_token_id)
-        clean_text = "what is this ?"
+        clean = {with_image: self.b.prompt_ids("what is this ?", with_image) for with_image in (False, True)}
+        # Every special token a clean prompt has (template, image slots) and every named one,
+        # pasted into the text of both prompts.
+        pasted = (set(clean[False]) | set(clean[True])) & special | (set(tokenizer.all_special_ids) - {tokenizer.unk_token_id})
+        strings = sorted(s for s in {tokenizer.convert_ids_to_tokens(i) for i in pasted} if s)
         extra = 0
-        for with_image in (False, True):
-            clean = self.b.prompt_ids(clean_text, with_image)
-            # Every special token the clean prompt already has (template, image) and every
-            # named one, pasted into the text.
-            strings = {tokenizer.convert_ids_to_tokens(i) for i in (set(clean) & special) | set(tokenizer.all_special_ids)}
-            strings.discard(tokenizer.unk_token)
-            dirty = self.b.prompt_ids("what " + " ".join(sorted(s for s in strings if s)) + " is this ?", with_image)
-            counts_clean = Counter(i for i in clean if i in special)
-            counts_dirty = Counter(i for i in dirty if i in special)
-            extra += sum((counts_dirty - counts_clean).values())
-        yield CheckResult("prompt_injection", extra == 0, float(extra), 0.0, "special tokens added by special-token strings in prompt text")
+        for with_image, ids in clean.items():
+            dirty = self.b.prompt_ids("what " + " ".join(strings) + " is this ?", with_image)
+            extra += sum((Counter(i for i in dirty if i in special) - Counter(i for i in ids if i in special)).values())
+        yield CheckResult("prompt_injection", extra == 0, float(extra), 0.0, f"special tokens added by {len(strings)} special-token strings pasted into prompt text")
 
 
 def _protocol_methods() -> list[str]:
@@ -465,16 +475,21 @@ def check_backbone(
     ``backbone`` and return every result; a check that raises fails with the error as its
     detail. Tolerances per dtype: ``TOLERANCES``."""
     started = time.perf_counter()
-    checker = _Checker(backbone, seed, max_new_tokens)
+    unknown = [name for name in only or () if name not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown check group(s) {', '.join(unknown)}; groups: {', '.join(CHECKS)}")
+    try:
+        checker = _Checker(backbone, seed, max_new_tokens)
+    except Exception as error:  # not even the roles and weights can be listed
+        report = ConformanceReport(getattr(backbone, "name", type(backbone).__name__), str(getattr(backbone, "generation_paradigm", "?")), "?", "?")
+        report.checks.append(CheckResult("protocol", False, None, None, f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]))
+        return report
     report = ConformanceReport(
         backbone=getattr(backbone, "name", type(backbone).__name__),
         paradigm=str(getattr(backbone, "generation_paradigm", "?")),
         dtype=str(checker.dtype).replace("torch.", ""),
         device=str(checker.device),
     )
-    unknown = [name for name in only or () if name not in CHECKS]
-    if unknown:
-        raise ValueError(f"unknown check group(s) {', '.join(unknown)}; groups: {', '.join(CHECKS)}")
     with distinct_roles(checker):
         for group, run in CHECKS.items():
             if only and group not in only:

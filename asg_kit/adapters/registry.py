@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import shutil
 from pathlib import Path
 
 from asg_kit.adapters.base import UnifiedBackbone
@@ -61,9 +63,19 @@ def save_tiny_checkpoint(name: str, folder: str | Path, upstream: str | None = N
     if upstream is not None and "upstream" not in inspect.signature(builder).parameters:
         raise ValueError(f"backbone {name!r} runs no upstream checkout: drop --upstream")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    options = {"upstream": upstream} if upstream is not None else {}
-    builder(folder, seed=seed, **options)
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} exists and is not empty: a tiny checkpoint goes into a new folder")
+    # Built beside the target and renamed into place: a failed build leaves no half checkpoint.
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        builder(partial, seed=seed, **({"upstream": upstream} if upstream is not None else {}))
+        if folder.exists():
+            folder.rmdir()
+        partial.rename(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 

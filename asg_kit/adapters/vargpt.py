@@ -19,7 +19,6 @@ with random bit flips (we feed the sampled bits) and drops the condition with p=
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import io
 import sys
@@ -794,26 +793,6 @@ class VARGPTAdapter:
         if self.scale_weighted_logprobs:
             per_token = per_token * self._scale_weights(schedule).to(per_token.device)
         return per_token
-
-    def weightless_base(self) -> torch.nn.Module:
-        """The base model without LoRA layers, every tensor on the meta device (for checking
-        that saved roles load onto it with plain peft). Upstream's constructor cannot build on
-        the meta device (its heads call .item() while building), so this is a structural copy."""
-        from peft.tuners.lora import LoraLayer
-
-        base = self.model
-        memo: dict = {id(base.vargpt_gen.rng): base.vargpt_gen.rng}
-        for tensor in list(base.parameters()) + list(base.buffers()):
-            memo[id(tensor)] = tensor.to("meta") if not isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor.to("meta"), tensor.requires_grad)
-        extra = {k: memo.setdefault(id(v), v.to("meta")) for k, v in vars(base).items() if isinstance(v, torch.Tensor)}
-        skeleton = copy.deepcopy(base, memo)
-        for k in extra:
-            setattr(skeleton, k, extra[k])
-        for name, module in list(skeleton.named_modules()):
-            if isinstance(module, LoraLayer):
-                parent_name, _, child = name.rpartition(".")
-                setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, child, module.get_base_layer())
-        return skeleton
 
     def generator_loss(self, rollout: ImageRollout) -> torch.Tensor:
         """The Generator objective with every sample weighted 1: the mean negative token log-prob."""

@@ -68,7 +68,9 @@ class QAFidelityScorer:
         self.backbone, self.samples, self.temperature, self.role = backbone, samples, temperature, role
         self.max_new_tokens, self.seed, self.shared = max_new_tokens, seed, shared
 
-    def score(self, images: Sequence[Image.Image], specs: Sequence[GenerationSpec]) -> list[FidelityResult]:
+    def score(self, images: Sequence[Image.Image], specs: Sequence[GenerationSpec], seeds: Sequence[int] | None = None) -> list[FidelityResult]:
+        """``seeds``: one base seed per image (e.g. from its content), so that an image's
+        answers do not depend on its position among ``images``; default: by position."""
         if len(images) != len(specs):
             raise ValueError(f"{len(images)} images but {len(specs)} specs")
         pairs = [sanitize_spec(spec).spec.qa for spec in specs]
@@ -76,7 +78,7 @@ class QAFidelityScorer:
         for i, (image, qa) in enumerate(zip(images, pairs)):
             for j, pair in enumerate(qa):
                 for k in range(self.samples):
-                    seed = self.seed + 1000 * i + 10 * j + k
+                    seed = self.seed + 1000 * i + 10 * j + k if seeds is None else seeds[i] + 1000 * j + k
                     requests.append(AnswerRequest(image, prompts.solver_prompt(pair.question), self.temperature, seed=seed))
                     owners.append((i, j))
         with self.backbone.role(self.role):
@@ -194,17 +196,27 @@ class GenerationScorer:
         self.fidelity = QAFidelityScorer(backbone, samples, temperature, role, seed=seed, shared=shared) if w_fid or w_contradiction else None
         self.cycle = CycleCaptionScorer(backbone, role, seed=seed) if w_cyc else None
 
-    def score(self, spec: GenerationSpec, images: Sequence[Image.Image], diversity_over: Sequence[Image.Image] | None = None) -> list[ImageScore]:
+    def score(
+        self,
+        spec: GenerationSpec,
+        images: Sequence[Image.Image],
+        diversity_over: Sequence[Image.Image] | None = None,
+        diversity: Sequence[float] | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[ImageScore]:
         """Score ``images``, candidates of one prompt. Diversity is each image's share in
-        the diversity of ``diversity_over`` (default: ``images``), which must contain them."""
+        the diversity of ``diversity_over`` (default: ``images``), which must contain them,
+        unless ``diversity`` gives each image's share directly. ``seeds``: one base seed per
+        image for the Solver's samples (default: by position)."""
         if not images:
             return []
-        group = list(diversity_over) if diversity_over is not None else list(images)
-        contributions = diversity_contributions(group)
-        by_identity = {id(image): c for image, c in zip(group, contributions)}
-        diversity = [by_identity[id(image)] for image in images]
+        if diversity is None:
+            group = list(diversity_over) if diversity_over is not None else list(images)
+            contributions = diversity_contributions(group)
+            by_identity = {id(image): c for image, c in zip(group, contributions)}
+            diversity = [by_identity[id(image)] for image in images]
         quality = spec_quality(spec)
-        fidelity = self.fidelity.score(images, [spec] * len(images)) if self.fidelity else [None] * len(images)
+        fidelity = self.fidelity.score(images, [spec] * len(images), seeds) if self.fidelity else [None] * len(images)
         cycle = self.cycle.score(images, [spec.prompt] * len(images)) if self.cycle else [None] * len(images)
         pairs = [{"question": p.question, "expected": p.expected} for p in sanitize_spec(spec).spec.qa]
         scores = []
@@ -304,8 +316,15 @@ class DifficultyScorer:
         self.percentile = RollingPercentile()
         self.easy = EasyThreshold()
 
-    def score(self, image: Image.Image, index: int = 0) -> DifficultyResult:
-        found = ask_screen_solve(self.backbone, image, self.percentile, self.seed + 100 * index, **self.options)
+    def replay(self, ste_raw: float, entropy: float) -> None:
+        """Move the rolling windows as ``score`` did for an image measured earlier (its
+        ``ste_raw`` and ``entropy``), e.g. to resume a run exactly from its written rows."""
+        self.percentile.update(ste_raw)
+        self.easy.update(entropy)
+
+    def score(self, image: Image.Image, index: int = 0, seed: int | None = None) -> DifficultyResult:
+        """``seed``: this image's own seed (e.g. from its content); default: by ``index``."""
+        found = ask_screen_solve(self.backbone, image, self.percentile, self.seed + 100 * index if seed is None else seed, **self.options)
         candidates = [
             {"question": q, "ste_raw": v, "d_ste": d, "greedy_answer": split_answer(g.text)[0]}
             for q, v, d, g in zip(found.questions, found.ste, found.ranks, found.greedy)
