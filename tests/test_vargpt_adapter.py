@@ -117,6 +117,9 @@ def test_answers_never_start_an_image_and_n_images_match_one_at_a_time(tiny, poo
     tokens = sum(h * w for _, h, w in adapter.scale_schedule())
     assert together.rollout.tokens.shape == (3, tokens, 32) and together.images[0][0].size == (64, 64)
     assert not any(Path.cwd().glob("*.png"))  # upstream's path would cv2.imwrite output.png here
+    # guidance reads 512 rows of unconditional context: a longer prompt loses its tail, not the run
+    long = adapter.generate_images(["a red circle " * 300], n=1, seed=0)
+    assert len(long.rollout.prompt_ids[0]) < 512 and long.rollout.tokens.shape[0] == 1
 
 
 def test_one_image_equals_upstreams_own_generate_path(tiny, tmp_path, monkeypatch):
