@@ -387,7 +387,7 @@ def bench(
         "understanding metrics + geneval), understanding, shapes (shapes_vqa + shapes_geneval). Tasks: shapes_vqa, "
         "shapes_geneval, geneval, or any lmms-eval task (mmmu_val, ...). Default: shapes for micro, paper otherwise.",
     ),
-    backbone: str = typer.Option("micro", help="Registered backbone (asgkit's registry: janus, micro)."),
+    backbone: str = typer.Option("micro", help="Registered backbone (asgkit's registry: janus, micro, vargpt)."),
     model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id (default: the backbone's own)."),
     roles: Optional[Path] = typer.Option(None, help="Trained role adapters to evaluate: a training run's folder (its checkpoint/roles) or a roles folder."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model, every adapter off."),
