@@ -172,6 +172,14 @@ def test_scale_weighted_logprobs_give_the_released_sequence_weighting(tiny):
         expected = expected + weight / sum(weights) * plain[:, start : start + area].mean(-1)
         start += area
     assert torch.allclose(weighted.mean(-1), expected, atol=1e-4)
+    # in training mode (the loop's update), upstream's drop-path and condition dropout stay off:
+    # the reference policy's teacher forcing is deterministic
+    adapter.scale_weighted_logprobs = False
+    adapter.model.train(True)
+    with torch.no_grad():  # drop-path 0.1 on 2 rows would leave 8 calls unchanged with p ~ 0.03
+        calls = [adapter.generation_logprobs(rollout) for _ in range(8)]
+    adapter.model.train(False)
+    assert all(torch.equal(calls[0], other) for other in calls[1:]) and torch.allclose(calls[0], plain, atol=1e-4)
 
 
 # ---- training ------------------------------------------------------------------------------
