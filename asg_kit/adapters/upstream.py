@@ -289,7 +289,7 @@ def allow_torchvision_without_ops() -> str:
     ``torchvision::nms`` and ``qnms`` (the only two it does not guard). transformers imports
     torchvision whenever it is installed, so every model import fails. Defining those two
     schemas first lets the pure-Python parts import; the detection ops stay unavailable, and
-    nothing asg-kit runs calls them. Returns "native" or "schemas defined (nms, qnms)".
+    nothing asg-kit runs calls them. Returns "absent", "native" or "schemas defined (nms, qnms)".
     """
     if importlib.util.find_spec("torchvision") is None:
         return "absent"
@@ -313,7 +313,8 @@ def allow_torchvision_without_ops() -> str:
 
 def uncompile_module(module: types.ModuleType) -> list[str]:
     """Replace the ``torch.compile``-decorated functions of an upstream module by the plain
-    functions they wrap (call before other modules import names from it).
+    functions they wrap. Names another module imported are bindings of their own: call it
+    on every module of the upstream package, before its models are built.
 
     On CPU, a compiled function means an inductor C++ build at its first call (seconds to
     minutes, and a compiler on the machine); eager mode computes the same values. Only this

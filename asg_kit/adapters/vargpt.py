@@ -44,7 +44,7 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.janus import _common_prefix
+from asg_kit.adapters.janus import _common_prefix, _draw
 from asg_kit.adapters.upstream import (
     UPSTREAMS,
     allow_torchvision_without_ops,
@@ -59,8 +59,8 @@ VARGPT_TRANSFORMERS = "4.46"  # upstream pins 4.46.1; its image processor and Ro
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 USER_TURN = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
 IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
-# Infinity-2B pads its sequence to a multiple of this and keeps 512 rows of unconditional
-# context: a guided prompt longer than that cannot be sampled.
+# Infinity keeps this many rows of unconditional context (cfg_uncond): with guidance, a prompt
+# longer than that cannot be sampled.
 INFINITY_TEXT_MAXLEN = 512
 BANNED_LOGIT = -1e9  # logit of the tokens an answer may never contain
 # Linear layers of the generation side that the released configuration trains. Infinity's
@@ -198,24 +198,6 @@ class _BitRecorder:
         bits = torch.cat([b.reshape(rows, -1, bits_per_token) for b, _ in self.calls], 1)
         logprobs = torch.cat([lp.reshape(rows, -1, bits_per_token) for _, lp in self.calls], 1)
         return bits, logprobs
-
-
-def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> tuple[int, float]:
-    """One token from a row of logits (banned entries at BANNED_LOGIT), with its behaviour log-prob."""
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise NonFiniteLogits("NaN or inf in the logits while sampling")
-    if temperature <= 0:
-        token = int(logits.argmax())
-        return token, float(torch.log_softmax(logits, -1)[token])
-    scaled = logits / temperature
-    if top_p < 1.0:
-        probs, order = torch.softmax(scaled, -1).sort(descending=True)
-        outside = probs.cumsum(-1) - probs >= top_p  # keep the smallest set reaching top_p
-        scaled = scaled.clone()
-        scaled[order[outside]] = -torch.inf
-    logprobs = torch.log_softmax(scaled, -1)
-    token = int(torch.multinomial(logprobs.exp(), 1, generator=generator))
-    return token, float(logprobs[token])
 
 
 def _to_pil(images_bgr: torch.Tensor) -> list[Image.Image]:
