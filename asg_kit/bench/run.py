@@ -83,6 +83,9 @@ def expand_tasks(names: tuple[str, ...] | list[str], backbone: str) -> list[str]
 
 def check_config(config: BenchConfig, tasks: list[str]) -> None:
     """Every problem with the options that can be seen before loading a model."""
+    from asg_kit.checks import UserError, check_backbone_name, check_device, check_dtype, check_model, check_output_folder, check_seed
+
+    check_backbone_name(config.backbone)
     problems = []
     if config.geneval_mode not in GENEVAL_MODES:
         problems.append(f"--geneval-mode must be one of {', '.join(GENEVAL_MODES)}, not {config.geneval_mode!r}")
@@ -98,6 +101,13 @@ def check_config(config: BenchConfig, tasks: list[str]) -> None:
         problems.append(judge)
     if problems:
         raise ValueError("\n".join(problems))
+    check_model(config.backbone, config.model)
+    check_device(config.device)
+    check_dtype(config.dtype)
+    check_seed(config.seed)
+    if config.roles is not None and not Path(config.roles).is_dir():
+        raise UserError(f"--roles {config.roles}: no such folder (pass a training run's folder or a folder of saved roles)")
+    check_output_folder("--out", config.out, inputs=(config.roles, config.data_dir), nested=True)
 
 
 def _common_settings(config: BenchConfig) -> dict:
@@ -320,8 +330,12 @@ def score_geneval_folder(images: str | Path, config: BenchConfig, progress_bar: 
     gives them, written to ``OUT/results.json`` and ``OUT/results.jsonl``."""
     from asg_kit.jsonl import write_json_atomic
 
+    from asg_kit.checks import check_device, check_output_folder
+
     if config.reference is not None and config.reference not in published.REFERENCES:
         raise ValueError(f"unknown reference {config.reference!r}; known: {', '.join(published.REFERENCES)}")
+    check_device(config.device)
+    check_output_folder("--out", config.out)
     out = Path(config.out)
     entry, _ = score_geneval(Path(images), config, out / "results.jsonl", config.device or default_device() or "cpu", progress_bar, log)
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "config": asdict(config), "environment": environment(),
