@@ -56,10 +56,14 @@ def rewards(
     from asg_kit.jsonl import JsonlError, write_json_atomic
     from asg_kit.votefile import example_votes_path, load_vote_records, score_vote_records
 
+    from asg_kit.checks import UserError, check_output_file
+
     path = votes or example_votes_path()
     try:
+        if json_out is not None:
+            check_output_file("--json", json_out)
         records = load_vote_records(path)
-    except (OSError, JsonlError) as error:
+    except (OSError, JsonlError, UserError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
     scores = score_vote_records(records)
@@ -202,12 +206,14 @@ def _print_summary(summary: dict, difficulty: bool) -> None:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     backbone: str = typer.Option("micro", help="Registered backbone to improve."),
     model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id (default: the backbone's own)."),
     images: Optional[Path] = typer.Option(None, help="Folder of unlabeled images (any layout; labels are never read)."),
-    steps: int = typer.Option(10_000, help="Total steps (3 understanding : 2 generation)."),
-    out: Optional[Path] = typer.Option(None, help="Run folder: metrics.jsonl, checkpoint/, config.json."),
-    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder with its saved config (other options ignored but --steps)."),
+    steps: int = typer.Option(10_000, help="Total steps of the run (3 understanding : 2 generation). With --resume: the new total, counted from step 0 (default: the saved total)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder: metrics.jsonl, checkpoint/, config.json. A folder that holds a run is refused unless --resume or --overwrite."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder with its saved settings; only --steps and --checkpoint-every may change, other options that differ are refused."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --out that holds a run: its config.json, metrics and checkpoints are deleted."),
     seed: int = typer.Option(42, help="Seed of every draw (per rank and step)."),
     lr: float = typer.Option(1e-6, help="AdamW learning rate of every role."),
     guidance: float = typer.Option(5.0, help="Classifier-free guidance of the Generator's rollouts."),
@@ -215,34 +221,56 @@ def train(
     proposer_max_new_tokens: int = typer.Option(384, help="Longest Proposer question or spec."),
     checkpoint_every: int = typer.Option(50, help="Steps between checkpoints."),
     upstream: Optional[Path] = UPSTREAM,
+    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda (under torchrun: each rank its own GPU)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype, e.g. bfloat16."),
 ) -> None:
     """Improve a unified model from unlabeled images: the Proposer asks, the Solver answers and judges, the Generator draws, every reward comes from the model's own consistency. Run under torchrun for several processes."""
-    from asg_kit.train.loop import TrainConfig, config_from_run, train as run_training
+    from asg_kit.checks import UserError
+    from asg_kit.jsonl import JsonlError
+    from asg_kit.train.loop import TrainConfig, resume_config, train as run_training
 
-    if resume:
-        config = config_from_run(resume, steps=steps, out=str(resume), **({"upstream": str(upstream)} if upstream else {}))
-    else:
-        if images is None or out is None:
-            errors.print("[red]error:[/red] --images and --out are needed to start a run (or --resume RUN)", highlight=False)
-            raise typer.Exit(2)
-        config = TrainConfig(backbone=backbone, model=model, images=str(images), out=str(out), steps=steps, seed=seed, lr=lr,
-                             guidance_scale=guidance, solver_max_new_tokens=solver_max_new_tokens,
-                             proposer_max_new_tokens=proposer_max_new_tokens, spec_max_new_tokens=proposer_max_new_tokens,
-                             checkpoint_every=checkpoint_every, upstream=str(upstream) if upstream else None)  # fmt: skip
-    _quiet_transformers()
-    with _progress() as progress:
+    settings = dict(backbone=backbone, model=model, images=str(images) if images else "", steps=steps, seed=seed, lr=lr,
+                    guidance_scale=guidance, solver_max_new_tokens=solver_max_new_tokens,
+                    proposer_max_new_tokens=proposer_max_new_tokens, spec_max_new_tokens=proposer_max_new_tokens,
+                    checkpoint_every=checkpoint_every, upstream=str(upstream.resolve()) if upstream else None,
+                    device=device, dtype=dtype)  # fmt: skip
+    try:
+        if resume:
+            if out is not None and out.resolve() != resume.resolve():
+                raise UserError(f"--out {out} and --resume {resume} name different folders; pass only --resume RUN")
+            if overwrite:
+                raise UserError("--overwrite starts over and --resume continues: pass one of them")
+            given = {p.name for p in ctx.command.params if ctx.get_parameter_source(p.name).name != "DEFAULT"}
+            cli_to_config = {"guidance": ("guidance_scale",), "proposer_max_new_tokens": ("proposer_max_new_tokens", "spec_max_new_tokens")}
+            asked = {field: settings[field] for name in given - {"resume", "out", "overwrite"} for field in cli_to_config.get(name, (name,)) if field in settings}
+            if "images" in asked:
+                asked["images"] = str(Path(asked["images"]).resolve())
+            if "model" in asked and Path(asked["model"]).exists():
+                asked["model"] = str(Path(asked["model"]).resolve())
+            config = resume_config(resume, **asked)
+        else:
+            if images is None or out is None:
+                raise UserError("--images and --out are needed to start a run (or --resume RUN)")
+            config = TrainConfig(out=str(out), **settings)
+        _quiet_transformers()
+        progress = _progress()  # shown from the first step: a refused run prints its error line only
         task = progress.add_task("training", total=config.steps)
 
         def log(row: dict) -> None:
+            progress.start()
             progress.update(task, completed=row["step"] + 1)
             skip = row.get("solver_skip") or row.get("generator_skip")
             progress.update(task, description=f"step {row['step']} {row['kind'][:3]} beta {row['beta']:.3g}" + (f" ({skip})" if skip else ""))
 
+        notice = lambda line: errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False)  # noqa: E731
         try:
-            folder = run_training(config, resume=resume is not None, log=log)
-        except FileNotFoundError as error:
-            errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
-            raise typer.Exit(2)
+            folder = run_training(config, resume=resume is not None, log=log, overwrite=overwrite, notice=notice)
+        finally:
+            if progress.live.is_started:
+                progress.stop()
+    except (UserError, OSError, JsonlError, ImportError) as error:  # OSError: a missing pool or checkpoint; ImportError: a backbone, its dependencies or its upstream checkout
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
     console.print(f"run: {folder} (metrics.jsonl, checkpoint/roles/)")
 
 
@@ -325,38 +353,68 @@ def micro_pool(
     seed: int = typer.Option(0, help="Pool seed: the same seed writes the same images."),
     image_size: int = typer.Option(64, help="Side of each image in pixels."),
 ) -> None:
-    """Write COUNT fresh shapes-world renders to FOLDER as PNG files, with no labels anywhere: the unlabeled pool that `asgkit train` learns from."""
+    """Write COUNT fresh shapes-world renders to FOLDER as PNG files, with no labels anywhere: the unlabeled pool that `asgkit train` learns from. Files already there are never replaced: images this command would write anyway are kept (so a larger COUNT grows a pool), anything else is refused."""
+    from asg_kit.checks import UserError
     from asg_kit.micro.pool import write_pool
 
-    with _progress() as progress:
-        task = progress.add_task("rendering", total=count)
-        write_pool(count, folder, seed=seed, image_size=image_size, progress=lambda n: progress.advance(task, n))
-    console.print(f"wrote {count} unlabeled images to {folder}")
+    progress = _progress()  # shown from the first image: a refused pool prints its error line only
+    task = progress.add_task("rendering", total=count)
+
+    def advance(n: int) -> None:
+        progress.start()
+        progress.advance(task, n)
+
+    try:
+        write_pool(count, folder, seed=seed, image_size=image_size, progress=advance)
+    except UserError as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    console.print(f"{count} unlabeled images in {folder}")
 
 
 @micro_app.command("train")
 def micro_train(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run folder: checkpoints, metrics.jsonl and, at the end, model/."),
     seed: int = typer.Option(0, help="Seed of the weights and of every batch."),
     vq_steps: Optional[int] = typer.Option(None, help="Steps of the VQ tokenizer stage (default: 3000, MicroTrainConfig)."),
     lm_steps: Optional[int] = typer.Option(None, help="Steps of the language/vision/generation stage (default: 6000)."),
 ) -> None:
-    """Train the micro model from scratch on the shapes world (about 35 minutes on 2 CPU cores with the defaults). Re-running the same command resumes from the last checkpoint."""
-    from asg_kit.micro.train import MicroTrainConfig, train
+    """Train the micro model from scratch on the shapes world (about 35 minutes on 2 CPU cores with the defaults). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
+    from asg_kit.checks import UserError
+    from asg_kit.jsonl import JsonlError
+    from asg_kit.micro.train import micro_config_for, train
 
-    steps = {k: v for k, v in {"vq_steps": vq_steps, "lm_steps": lm_steps}.items() if v is not None}
-    config = MicroTrainConfig(seed=seed, **steps)
-    with _progress() as progress:
-        bars = {"vq": progress.add_task("VQ tokenizer", total=config.vq_steps), "lm": progress.add_task("language + vision + generation", total=config.lm_steps)}
+    given = {k: v for k, v in {"vq_steps": vq_steps, "lm_steps": lm_steps}.items() if v is not None}
+    if ctx.get_parameter_source("seed").name != "DEFAULT":
+        given["seed"] = seed
+    try:
+        config = micro_config_for(run, **given)
+    except UserError as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
+    progress = _progress()  # shown from the first step: a refused run prints its error line only
+    bars = {"vq": progress.add_task("VQ tokenizer", total=config.vq_steps), "lm": progress.add_task("language + vision + generation", total=config.lm_steps)}
 
-        def log(row: dict) -> None:
-            progress.update(bars[row["stage"]], completed=row["step"] + 1)
-            if row["stage"] == "lm":
-                progress.update(bars["lm"], description=f"lm  text {row['text_loss']:.3f}  image {row['image_loss']:.3f}")
-            else:
-                progress.update(bars["vq"], description=f"vq  reconstruction {row['reconstruction']:.4f}")
+    def log(row: dict) -> None:
+        progress.start()
+        progress.update(bars[row["stage"]], completed=row["step"] + 1)
+        if row["stage"] == "lm":
+            progress.update(bars["lm"], description=f"lm  text {row['text_loss']:.3f}  image {row['image_loss']:.3f}")
+        else:
+            progress.update(bars["vq"], description=f"vq  reconstruction {row['reconstruction']:.4f}")
 
-        export = train(config, run, log=log)
+    try:
+        export = train(config, run, log=log, notice=lambda line: errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False))
+    except (UserError, JsonlError) as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     console.print(f"model written to {export}")
 
 
@@ -384,7 +442,7 @@ def bench(
         "understanding metrics + geneval), understanding, shapes (shapes_vqa + shapes_geneval). Tasks: shapes_vqa, "
         "shapes_geneval, geneval, or any lmms-eval task (mmmu_val, ...). Default: shapes for micro, paper otherwise.",
     ),
-    backbone: str = typer.Option("micro", help="Registered backbone (asgkit's registry: janus, micro)."),
+    backbone: str = typer.Option("micro", help="Registered backbone (asgkit's registry: blip3o, janus, micro, vargpt)."),
     model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id (default: the backbone's own)."),
     roles: Optional[Path] = typer.Option(None, help="Trained role adapters to evaluate: a training run's folder (its checkpoint/roles) or a roles folder."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model, every adapter off."),
@@ -402,6 +460,7 @@ def bench(
     geneval_mode: str = GENEVAL_MODE,
     images_per_prompt: int = typer.Option(4, min=1, help="GenEval images per prompt (GenEval: 4)."),
     guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for GenEval and shapes-GenEval."),
+    image_temperature: float = typer.Option(1.0, help="Sampling temperature of GenEval and shapes-GenEval images (VARGPT's own: 0.5)."),
     evaluator_python: str = EVALUATOR_PYTHON,
     detector_dir: Optional[Path] = DETECTOR_DIR,
     model_config: Optional[Path] = MODEL_CONFIG,
@@ -423,7 +482,7 @@ def bench(
     config = BenchConfig(
         backbone=backbone, model=model, base=base, tasks=names, out=str(out), seed=seed, device=device, dtype=dtype,
         reference=reference, fresh=fresh, limit=limit, batch_size=batch_size, gen_kwargs=gen_kwargs,
-        geneval_mode=geneval_mode, images_per_prompt=images_per_prompt, guidance=guidance, evaluator_python=evaluator_python,
+        geneval_mode=geneval_mode, images_per_prompt=images_per_prompt, guidance=guidance, image_temperature=image_temperature, evaluator_python=evaluator_python,
         detector=detector, clip=clip, per_kind=per_kind, per_category=per_category, shapes_images=shapes_images, **paths,
     )  # fmt: skip
     try:

@@ -72,8 +72,38 @@ def swap_in_folder(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     ``final.old``, which the next swap clears)."""
     staged, final = Path(staged), Path(final)
     old = final.with_name(final.name + ".old")
+    recover_folder(final)  # a swap killed between its renames left the last good folder as .old
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(staged, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(final: str | os.PathLike) -> bool:
+    """Undo a ``swap_in_folder`` killed between its two renames: ``final`` is gone and the
+    previous folder waits as ``final.old``; move it back. True when it did."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if final.exists() or not old.is_dir():
+        return False
+    os.replace(old, final)
+    return True
+
+
+def cut_torn_line(path: str | os.PathLike) -> bool:
+    """Cut a last line without its newline (a writer killed during an append) off ``path``;
+    True when something was cut."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("r+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return False
+        data = (handle.seek(0), handle.read())[1]
+        handle.truncate(data.rfind(b"\n") + 1)
+    return True

@@ -138,9 +138,9 @@ def test_task_names_and_local_copies_are_checked_before_a_model_loads(tmp_path, 
     from asg_kit.bench.run import BenchConfig, run_bench
 
     with pytest.raises(ValueError, match="unknown task.*mmmu_vall"):
-        run_bench(BenchConfig(backbone="no-such-backbone", tasks=("mmmu_vall",), out=str(tmp_path)))
+        run_bench(BenchConfig(backbone="micro", tasks=("mmmu_vall",), out=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="no local copy of lmms-eval task 'textvqa_val'"):
-        run_bench(BenchConfig(backbone="no-such-backbone", tasks=("mmmu_val", "textvqa_val"), data_dir=str(mmmu_copy), out=str(tmp_path)))
+        run_bench(BenchConfig(backbone="micro", tasks=("mmmu_val", "textvqa_val"), data_dir=str(mmmu_copy), out=str(tmp_path)))
 
 
 def test_save_data_names_unknown_tasks(tmp_path):

@@ -228,7 +228,7 @@ def test_from_pretrained_local_directory_and_registry(tmp_path):
 
 
 def test_registry_errors_say_what_to_do(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="registered backbones: janus"):
+    with pytest.raises(ValueError, match="registered backbones: .*janus"):
         load_backbone("dalle")
     with pytest.raises(OSError, match="local directory"):
         load_backbone("janus", model=str(tmp_path / "nothing-here"))

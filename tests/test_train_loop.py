@@ -20,6 +20,7 @@ from asg_kit.train.losses import (
     group_advantages,
     masked_mean,
     max_normalized_advantages,
+    reward_weighted_regression,
 )
 from asg_kit.train.loop import TrainConfig, step_kind, train
 
@@ -61,6 +62,19 @@ def test_baseline_advantages_and_beta():
     assert kl.update(0.02) == pytest.approx(0.01 * math.exp(0.1))
     assert AdaptiveKL(beta=1e-3).update(0.0) == 1e-3  # clipped at the floor
     assert AdaptiveKL(beta=100.0).update(10.0) == 100.0
+
+
+def test_reward_weighted_regression_by_hand():
+    mse = torch.tensor([2.0, 4.0], requires_grad=True)
+    loss = reward_weighted_regression(mse, 0.6)  # (1 + 0.5 * 0.6) = 1.3
+    assert torch.allclose(loss, torch.tensor([2.6, 5.2]))
+    loss.sum().backward()
+    assert torch.allclose(mse.grad, torch.tensor([1.3, 1.3]))
+    assert torch.allclose(reward_weighted_regression(torch.tensor([2.0]), 1.7), torch.tensor([3.0]))  # clipped to 1
+    assert torch.allclose(reward_weighted_regression(torch.tensor([2.0]), -0.4), torch.tensor([2.0]))  # clipped to 0
+    assert torch.allclose(reward_weighted_regression(torch.tensor([2.0]), 1.0, weight=0.25), torch.tensor([2.5]))
+    with pytest.raises(ValueError):
+        reward_weighted_regression(torch.tensor([2.0]), float("nan"))
 
 
 def test_schedule_is_three_understanding_then_two_generation():

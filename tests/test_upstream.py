@@ -154,3 +154,22 @@ def test_the_fixture_trees_are_recognised(backbone, monkeypatch):
         pytest.skip("set ASGKIT_UPSTREAM to a folder holding the upstream checkouts (CI: ../shared/upstream)")
     monkeypatch.delenv("ASGKIT_UPSTREAM")
     assert locate_upstream(backbone, root).name == UPSTREAMS[backbone].folder
+
+
+def test_uncompile_module_gives_back_the_plain_functions_of_that_module_only():
+    import types
+
+    from asg_kit.adapters.upstream import uncompile_module
+
+    def norm(x):
+        return x / x.norm()
+
+    module = types.ModuleType("fake_upstream_fused_op")
+    module.norm = torch.compile(norm, fullgraph=True)
+    module.plain = len
+    elsewhere = torch.compile(norm)
+    assert uncompile_module(module) == ["norm"]
+    assert module.norm is norm and module.plain is len
+    assert getattr(elsewhere, "_torchdynamo_orig_callable", None) is norm  # other compiled functions stay compiled
+    x = torch.tensor([3.0, 4.0])
+    assert torch.equal(module.norm(x), torch.tensor([0.6, 0.8]))

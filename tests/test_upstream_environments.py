@@ -94,7 +94,7 @@ def test_bagel_environment(upstream_root):
 @pytest.mark.blip3o
 def test_blip3o_environment(upstream_root):
     result = check_environment("blip3o", upstream_root)
-    assert result["transformers"].startswith("4.51.")
+    assert int(result["transformers"].split(".")[0]) >= 5
 
 
 def test_flash_attn_fallback_keeps_transformers_importable():

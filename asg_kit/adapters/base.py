@@ -81,7 +81,9 @@ class TokenScores:
 class ImageRollout:
     """What image generation did, enough to recompute differentiable log-probs: the
     conditional prompt ids of each row, the sampled image tokens (rows = prompts x n, in
-    prompt order), the behaviour log-probs (CFG and temperature applied) and the settings."""
+    prompt order), the behaviour log-probs (CFG and temperature applied) and the settings.
+    A continuous generator (paradigm "diffusion") has no tokens: ``tokens`` and
+    ``behaviour_logprobs`` have 0 columns and ``latents`` holds what its flow produced."""
 
     prompts: list[str]
     prompt_ids: list[list[int]]
@@ -91,6 +93,7 @@ class ImageRollout:
     guidance_scale: float
     temperature: float
     seeds: list[int] = field(default_factory=list)
+    latents: torch.Tensor | None = None
 
 
 @dataclass

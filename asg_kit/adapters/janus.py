@@ -260,14 +260,27 @@ class JanusAdapter:
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
+        from asg_kit.checks import UserError
+
         if self.peft is None:
             raise ValueError("this backbone was built without LoRA roles: nothing to load into")
         for role in self.roles:
             folder = Path(path) / role
             if not (folder / "adapter_model.safetensors").is_file():
                 raise FileNotFoundError(f"no saved adapter for role {role!r}: expected {folder}/adapter_model.safetensors")
-            weights = load_peft_weights(str(folder), device=str(self.device))
-            set_peft_model_state_dict(self.peft, weights, adapter_name=role)
+            file = folder / "adapter_model.safetensors"
+            try:
+                weights = load_peft_weights(str(folder), device=str(self.device))
+            except Exception as error:  # safetensors' own error type for a truncated or foreign file
+                raise UserError(f"{file}: not a readable safetensors file ({error})") from None
+            loaded = set_peft_model_state_dict(self.peft, weights, adapter_name=role)
+            # A silently partial load would evaluate or train other weights than the file's.
+            unmatched = list(loaded.unexpected_keys)
+            missing = [k for k in loaded.missing_keys if "lora_" in k and f".{role}." in k]
+            if unmatched or missing or not weights:
+                problem = f"{len(unmatched)} key(s) match nothing in this model, e.g. {unmatched[0]}" if unmatched else (
+                    f"{len(missing)} of the role's weights are missing, e.g. {missing[0]}" if missing else "no weights")
+                raise UserError(f"{file}: {problem}; is it an adapter of role {role!r} saved from this backbone?")
 
     # Encoding --------------------------------------------------------------------------
 

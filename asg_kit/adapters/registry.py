@@ -29,6 +29,16 @@ BACKBONES: dict[str, dict[str, str]] = {
         "tiny": "asg_kit.adapters.tiny_bagel:save_tiny_bagel",
         "install": "pip install -e '.[bagel]' and a checkout of ByteDance-Seed/Bagel (--upstream DIR)",
     },
+    "vargpt": {
+        "adapter": "asg_kit.adapters.vargpt:VARGPTAdapter",
+        "tiny": "asg_kit.adapters.tiny_vargpt:write_tiny_vargpt",
+        "install": "pip install -e '.[vargpt]' in its own venv (transformers 4.46; README, VARGPT-v1.1)",
+    },
+    "blip3o": {
+        "adapter": "asg_kit.adapters.blip3o:Blip3oAdapter",
+        "tiny": "asg_kit.adapters.tiny_blip3o:save_tiny_blip3o",
+        "install": "pip install 'asg-kit[blip3o]' (transformers 5 and diffusers >= 0.33; README, BLIP3o)",
+    },
 }
 
 

@@ -361,3 +361,184 @@ def bagel_autocast(device: torch.device):
     activations to bf16 themselves, under ``torch.autocast("cuda", bfloat16)``, a no-op on
     other devices: autocast on the model's own device type instead."""
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# torchvision without its C++ ops, torch.compile'd helpers on CPU
+# --------------------------------------------------------------------------------------
+
+_KEPT_LIBRARIES: list = []  # torch.library.Library objects must outlive the schemas they define
+
+
+def allow_torchvision_without_ops() -> str:
+    """Let ``import torchvision`` succeed when its C++ ops do not load.
+
+    PyPI's torchvision wheels are CUDA builds; next to a CPU torch their extension fails to
+    load, and ``torchvision/_meta_registrations.py`` then dies on ``register_fake`` for
+    ``torchvision::nms`` and ``qnms`` (the only two it does not guard). transformers imports
+    torchvision whenever it is installed, so every model import fails. Defining those two
+    schemas first lets the pure-Python parts import; the detection ops stay unavailable, and
+    nothing asg-kit runs calls them. Returns "absent", "native" or "schemas defined (nms, qnms)".
+    """
+    if importlib.util.find_spec("torchvision") is None:
+        return "absent"
+    try:
+        import torchvision  # noqa: F401
+
+        return "native"
+    except RuntimeError as error:
+        if "torchvision::nms" not in str(error):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    library = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _KEPT_LIBRARIES.append(library)
+    import torchvision  # noqa: F401,F811
+
+    return "schemas defined (nms, qnms)"
+
+
+def uncompile_module(module: types.ModuleType) -> list[str]:
+    """Replace the ``torch.compile``-decorated functions of an upstream module by the plain
+    functions they wrap. Names another module imported are bindings of their own: call it
+    on every module of the upstream package, before its models are built.
+
+    On CPU, a compiled function means an inductor C++ build at its first call (seconds to
+    minutes, and a compiler on the machine); eager mode computes the same values. Only this
+    module's functions change: torch.compile keeps working for everything else. Returns the
+    names replaced."""
+    replaced = []
+    for name, value in list(vars(module).items()):
+        original = getattr(value, "_torchdynamo_orig_callable", None)
+        if callable(value) and original is not None:
+            setattr(module, name, original)
+            replaced.append(name)
+    return replaced
+
+
+# --------------------------------------------------------------------------------------
+# BLIP3o: the DiT and the EVA-CLIP tower, imported without the rest of the repository
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Blip3oModules:
+    """The upstream BLIP3o classes asg-kit drives (everything else it does natively)."""
+
+    NextDiTCrossAttn: type
+    NextDiTCrossAttnConfig: type
+    EVAVisionTransformer: type | None  # None when einops is missing: the tower is only needed to train
+
+
+def _stand_in_module(name: str, **attrs) -> types.ModuleType:
+    """A module object for ``sys.modules`` with a spec, so that availability probes
+    (``importlib.util.find_spec``) treat it as a module rather than raising."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package="__path__" in attrs)
+    module.__dict__.update(attrs)
+    return module
+
+
+def _timm_layers_stand_in() -> dict[str, types.ModuleType]:
+    """The three helpers BLIP3o's eva_vit.py takes from timm (timm pulls torchvision, whose
+    PyPI wheels are CUDA builds that fail to import beside a CPU torch)."""
+
+    def drop_path(x, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True):
+        if drop_prob == 0.0 or not training:
+            return x
+        keep = 1.0 - drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * (mask / keep if scale_by_keep else mask)
+
+    def to_2tuple(x):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+    helpers = {"drop_path": drop_path, "to_2tuple": to_2tuple, "trunc_normal_": torch.nn.init.trunc_normal_}
+    layers = _stand_in_module("timm.layers", **helpers)
+    models = _stand_in_module("timm.models", __path__=[])
+    models.layers = _stand_in_module("timm.models.layers", **helpers)
+    timm = _stand_in_module("timm", __path__=[], layers=layers, models=models)
+    return {"timm": timm, "timm.layers": layers, "timm.models": models, "timm.models.layers": models.layers}
+
+
+_BLIP3O_MODULES: dict[Path, Blip3oModules] = {}
+
+
+def import_blip3o(checkout: Path) -> Blip3oModules:
+    """Import ``NextDiTCrossAttn`` (and EVA-CLIP's ``EVAVisionTransformer``) from a BLIP3o
+    checkout, and nothing else of it.
+
+    - The package ``__init__``s import every model variant (LLaMA, transformers 4.51 classes);
+      empty package modules with the checkout's ``__path__`` stand in for them.
+    - ``eva_vit.py`` calls ``snapshot_download("jiuhai/eva_clip_vision_tower")`` at import
+      time; the call is answered with a local folder for the duration of the import (asg-kit
+      loads the tower's weights itself, from safetensors).
+    - timm is replaced, during the import only and only when it cannot be imported, by
+      its three helpers that eva_vit.py uses.
+    - diffusers >= 0.33 calls ``_set_gradient_checkpointing(enable=..., gradient_checkpointing_func=...)``
+      while upstream's ``LuminaNextDiT2DModel`` overrides it with the old ``(module, value)``
+      signature; the override is dropped so that the diffusers base method applies.
+    """
+    checkout = Path(checkout).resolve()
+    if checkout in _BLIP3O_MODULES:
+        return _BLIP3O_MODULES[checkout]
+    import diffusers
+    from packaging.version import Version
+
+    if Version(diffusers.__version__).release < (0, 33):
+        raise ImportError(
+            f"BLIP3o needs diffusers >= 0.33 (installed: {diffusers.__version__}; older versions build the DiT's "
+            "feed-forward at the wrong width for the 8B checkpoint); run: pip install 'diffusers>=0.33'"
+        )
+    # no bytecode caches written into the user's checkout (it may be read-only or shared)
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        modules = _import_blip3o_modules(checkout)
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
+    _BLIP3O_MODULES[checkout] = modules
+    return modules
+
+
+def _import_blip3o_modules(checkout: Path) -> Blip3oModules:
+    import importlib
+
+    packages = {
+        "blip3o": checkout / "blip3o",
+        "blip3o.model": checkout / "blip3o" / "model",
+        "blip3o.model.multimodal_encoder": checkout / "blip3o" / "model" / "multimodal_encoder",
+        "blip3o.model.multimodal_encoder.eva_clip": checkout / "blip3o" / "model" / "multimodal_encoder" / "eva_clip",
+    }
+    for name, folder in packages.items():
+        current = sys.modules.get(name)
+        if current is None or list(getattr(current, "__path__", [])) != [str(folder)]:
+            sys.modules[name] = _stand_in_module(name, __path__=[str(folder)])
+    nextdit = importlib.import_module("blip3o.model.nextdit_crossattn")
+    lumina = importlib.import_module("blip3o.model.lumina_nextdit2d")
+    if "_set_gradient_checkpointing" in lumina.LuminaNextDiT2DModel.__dict__:
+        del lumina.LuminaNextDiT2DModel._set_gradient_checkpointing
+
+    eva_class = None
+    if importlib.util.find_spec("einops") is not None:
+        import huggingface_hub
+
+        added: list[str] = []
+        try:
+            import timm.layers  # noqa: F401
+        except Exception:
+            for name in [n for n in sys.modules if n == "timm" or n.startswith("timm.")]:
+                del sys.modules[name]
+            for name, module in _timm_layers_stand_in().items():
+                sys.modules[name] = module
+                added.append(name)
+        original = huggingface_hub.snapshot_download
+        huggingface_hub.snapshot_download = lambda *args, **kwargs: str(checkout)
+        try:
+            eva_class = importlib.import_module("blip3o.model.multimodal_encoder.eva_clip.eva_vit").EVAVisionTransformer
+        finally:
+            huggingface_hub.snapshot_download = original
+            for name in added:
+                sys.modules.pop(name, None)
+    return Blip3oModules(nextdit.NextDiTCrossAttn, nextdit.NextDiTCrossAttnConfig, eva_class)

@@ -81,4 +81,6 @@ def default_reference(backbone: str, model: str | None) -> str | None:
         return "micro" if model is None else None
     if backbone == "janus":
         return "janus-pro-7b" if model and "7b" in str(model).lower() else "janus-pro-1b"
+    if backbone == "blip3o":
+        return "blip3o-8b"
     return backbone if backbone in REFERENCES else None

@@ -129,6 +129,30 @@ def check_tasks(tasks: Sequence[str], data_dir: str | Path | None = None) -> Non
     if data_dir is not None:
         with tempfile.TemporaryDirectory() as scratch:
             local_task_yamls(tasks, data_dir, scratch, manager)
+    else:
+        offline = hub_unreachable()
+        if offline:
+            raise ValueError(f"lmms-eval task(s) {', '.join(tasks)} load their data from the hub, which {offline}: pass --data-dir DIR "
+                             f"with local copies (make them where the hub is reachable: `asgkit bench save-data {' '.join(tasks)} --data-dir DIR`)")  # fmt: skip
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline switch set, or no connection
+    within ``timeout`` seconds), or None when it can: datasets would otherwise retry for
+    minutes before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"is switched off here ({key}={os.environ[key]})"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        return f"cannot be reached from here ({host}:{port}: {error})"
+    return None
 
 
 def save_task_data(task: str, data_dir: str | Path) -> Path:

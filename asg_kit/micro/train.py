@@ -23,6 +23,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 
 from asg_kit.adapters.base import AnswerRequest, ImageRollout
 from asg_kit.adapters.janus import JanusAdapter
-from asg_kit.jsonl import swap_in_folder
+from asg_kit.checks import UserError, check_output_folder, check_positive, check_seed, folder_lock
+from asg_kit.jsonl import cut_torn_line, read_jsonl, recover_folder, swap_in_folder, write_json_atomic, write_jsonl_atomic
 from asg_kit.micro import tasks
 
 
@@ -100,6 +102,40 @@ def _save_checkpoint(out: Path, model, processor, optimizer, progress: dict) -> 
     swap_in_folder(tmp, out / "checkpoint")
 
 
+# Settings that change nothing a run computes: a re-run may give other values.
+FREE_SETTINGS = ("threads", "checkpoint_every")
+
+
+def micro_config_for(out: str | Path, **given) -> MicroTrainConfig:
+    """The config for (re-)running ``out``: the saved one when the folder holds a run, else
+    the defaults, with ``given`` settings on top (``train`` refuses ones that change it)."""
+    path = Path(out) / "config.json"
+    saved = {}
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as error:
+            raise UserError(f"{path}: not valid JSON ({error})") from None
+    known = {f for f in MicroTrainConfig.__dataclass_fields__}
+    return MicroTrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given})
+
+
+def _claim(config: MicroTrainConfig, out: Path, notice: Callable[[str], None]) -> None:
+    """Check the settings, and that a run already in ``out`` was made with them."""
+    check_seed(config.seed)
+    for name in ("vq_steps", "lm_steps", "checkpoint_every", "image_size", "vq_batch", "text_batch", "image_batch"):
+        check_positive(f"--{name.replace('_', '-')}", getattr(config, name), integer=True)
+    check_output_folder("RUN", out)
+    if recover_folder(out / "checkpoint"):
+        notice(f"{out}/checkpoint: a run was killed while replacing its checkpoint; recovered the previous one from checkpoint.old")
+    saved_path = out / "config.json"
+    if saved_path.is_file() and (out / "checkpoint").exists():
+        saved = json.loads(saved_path.read_text())
+        changed = [f"{k}={saved.get(k)!r} (asked {v!r})" for k, v in asdict(config).items() if k not in FREE_SETTINGS and saved.get(k) != v]
+        if changed:
+            raise UserError(f"{out} holds a micro run started with {', '.join(changed)}; re-running resumes it with its own settings: drop those options, or pass another RUN folder")
+
+
 def _load_checkpoint(out: Path):
     from transformers import JanusForConditionalGeneration, JanusProcessor
 
@@ -113,32 +149,51 @@ def _load_checkpoint(out: Path):
     return model, processor, progress, optimizer_state
 
 
-def train(config: MicroTrainConfig, out: str | Path, log: Callable[[dict], None] = lambda row: None, stop_after: int | None = None) -> Path:
+def train(
+    config: MicroTrainConfig,
+    out: str | Path,
+    log: Callable[[dict], None] = lambda row: None,
+    stop_after: int | None = None,
+    notice: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> Path:
     """Run (or resume) both stages in ``out`` and export the model to ``out/model``.
 
     ``log`` receives one dict per logged step; ``stop_after`` ends the run after that many
     optimizer steps in this call (for tests of resuming). Returns the export folder, or the
-    checkpoint folder when stopped early.
+    checkpoint folder when stopped early. A run already in ``out`` is resumed only with the
+    settings it was started with (``UserError`` otherwise); an advisory lock keeps a second
+    process out of ``out`` meanwhile.
     """
+    out = Path(out)
+    _claim(config, out, notice)
+    with folder_lock(out, "asgkit micro train"):
+        return _train(config, out, log, stop_after)
+
+
+def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], stop_after: int | None) -> Path:
     from asg_kit.micro.model import build_micro_janus
 
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    write_json_atomic(out / "config.json", asdict(config))
     loaded = _load_checkpoint(out)
+    metrics = out / "metrics.jsonl"
     if loaded is None:
         torch.manual_seed(config.seed)
         model, processor = build_micro_janus(seed=config.seed, image_size=config.image_size)
         progress, optimizer_state = {"stage": "vq", "step": 0}, None
+        metrics.unlink(missing_ok=True)
     else:
         model, processor, progress, optimizer_state = loaded
+        cut_torn_line(metrics)  # a run killed during an append left half a row
+        if metrics.exists():  # rows written after the checkpoint are written again
+            order = {"vq": 0, "lm": 1, "done": 2}
+            at = (order[progress["stage"]], progress["step"])
+            write_jsonl_atomic(metrics, [row for _, row in read_jsonl(metrics) if (order[row["stage"]], row["step"]) < at])
     budget = stop_after if stop_after is not None else math.inf
-    metrics = out / "metrics.jsonl"
 
     # Stage 1: the VQ image tokenizer --------------------------------------------------
     vq = model.model.vqmodel

@@ -22,11 +22,13 @@ Generation step:
      (alignment >= 0.55).
   3. The Generator draws L=3 candidates; the Solver scores each (QA fidelity, cycle
      caption, diversity, contradiction) into R_G.
-  4. Generator update by the backbone's paradigm (advantages z-scored over the candidates;
-     skipped when they tie): for "ar_tokens", clipped GRPO over the image tokens; for
+  4. Generator update by the backbone's paradigm: for "ar_tokens", clipped GRPO over the
+     image tokens (advantages z-scored over the candidates; skipped when they tie); for
      "rectified_flow", advantage-weighted flow matching on each candidate's latent plus
-     beta times the MSE between policy and reference velocities (or, as an option,
-     Flow-GRPO over SDE rollouts).
+     beta times the MSE between policy and reference velocities (the same advantages; or,
+     as an option, Flow-GRPO over SDE rollouts); for "diffusion", reward-weighted
+     regression: (1 + 0.5 clip01(best R_G)) times the flow-matching loss on the SOURCE
+     image given the spec prompt.
 
 After each step the KL coefficient adapts. A NaN or inf anywhere in an update skips it
 with a logged reason before it reaches the weights. Checkpoints (role adapters as
@@ -37,13 +39,15 @@ Under ``torchrun`` each rank draws its own images and the role gradients are ave
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +57,8 @@ from asg_kit import prompts
 from asg_kit.adapters.base import AnswerRequest, NonFiniteLogits
 from asg_kit.adapters.registry import load_backbone
 from asg_kit.images import IMAGE_EXTENSIONS, BadImage, load_image
-from asg_kit.jsonl import append_jsonl, read_jsonl, swap_in_folder
+from asg_kit.checks import UserError, check_backbone_name, check_model, check_output_folder, check_positive, check_seed, folder_lock, looks_like_path
+from asg_kit.jsonl import append_jsonl, cut_torn_line, read_jsonl, recover_folder, swap_in_folder, write_json_atomic
 from asg_kit.rewards import (
     EasyThreshold,
     RollingPercentile,
@@ -76,6 +81,7 @@ from asg_kit.train.losses import (
     group_advantages,
     masked_mean,
     max_normalized_advantages,
+    reward_weighted_regression,
     sde_transitions,
     velocity_drift,
 )
@@ -86,6 +92,8 @@ class TrainConfig:
     backbone: str = "micro"
     model: str | None = None
     upstream: str | None = None  # upstream checkout, for the backbones that run one
+    device: str | None = None  # e.g. "cuda": under torchrun each rank takes cuda:LOCAL_RANK
+    dtype: str | None = None  # weights dtype, e.g. "bfloat16"
     images: str = ""
     out: str = "runs/asg"
     steps: int = 10_000
@@ -120,6 +128,7 @@ class TrainConfig:
     clip_ratio: float = 0.2
     flow_update: str = "flow_matching"  # "rectified_flow" Generator: or "flow_grpo" (SDE rollouts)
     flow_noise_level: float = 0.7  # Flow-GRPO's SDE eta
+    rwr_weight: float = 0.5  # "diffusion": w in (1 + w * clip01(best R_G))
     # KL to the reference
     beta: float = 0.01
     kl_target: float = 0.02
@@ -150,22 +159,130 @@ def list_pool(folder: str | Path) -> list[Path]:
     return paths
 
 
-def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None] = lambda row: None, stop_after: int | None = None) -> Path:
-    # ---- setup: distributed, backbone, pool, optimizers, trackers -------------------------
+# Settings a resumed run may change: neither changes what the run computes.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "out")
+# What a run writes into its folder; --overwrite removes these and nothing else.
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def check_config(config: TrainConfig) -> TrainConfig:
+    """Every mistake that can be seen before a model loads, as a ``UserError``; returns the
+    config with its local paths made absolute (a run then resolves them from anywhere)."""
+    check_backbone_name(config.backbone)
+    check_model(config.backbone, config.model)
+    for flag, value, integer in (("--steps", config.steps, True), ("--lr", config.lr, False), ("--checkpoint-every", config.checkpoint_every, True)):
+        check_positive(flag, value, integer)
+    check_seed(config.seed)
+    if not config.images:
+        raise UserError("no image pool: pass --images DIR (a folder of unlabeled images)")
+    try:
+        list_pool(config.images)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
+    check_output_folder("--out", config.out, inputs=(config.images,))
+    model = config.model
+    if model is not None and (Path(model).exists() or looks_like_path(model)):
+        model = str(Path(model).expanduser().resolve())
+    return replace(config, images=str(Path(config.images).expanduser().resolve()), out=str(Path(config.out).expanduser().resolve()), model=model)
+
+
+def _run_settings(config: TrainConfig | dict) -> dict:
+    settings = asdict(config) if isinstance(config, TrainConfig) else dict(config)
+    return {k: v for k, v in settings.items() if k not in RESUMABLE_CHANGES}
+
+
+def _changed(saved: dict, asked: dict) -> list[str]:
+    return [f"{k}={saved.get(k)!r} (asked {v!r})" for k, v in asked.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+
+
+def describe_run(folder: str | Path) -> str | None:
+    """What a run folder holds, in words; None when it holds no run."""
+    folder = Path(folder)
+    present = [name for name in RUN_FILES if (folder / name).exists()] + sorted(p.name for p in folder.glob("metrics.rank*.jsonl"))
+    if not present:
+        return None
+    state = next((folder / c / "state.json" for c in ("checkpoint", "checkpoint.old") if (folder / c / "state.json").is_file()), None)
+    step = f"checkpoint at step {json.loads(state.read_text())['step']}" if state else "no checkpoint"
+    return f"a run ({', '.join(present)}; {step})"
+
+
+def prepare_run_folder(config: TrainConfig, resume: bool, overwrite: bool = False, notice: Callable[[str], None] = _say) -> None:
+    """Make ``config.out`` this run's own before any work: a new run refuses a folder that
+    holds another run unless ``overwrite``; a resumed run refuses settings that differ from
+    the saved ones, recovers a checkpoint swap that a kill interrupted, and refuses a total
+    of steps below the checkpoint's."""
+    out = Path(config.out)
+    if not resume:
+        held = describe_run(out)
+        if held and not overwrite:
+            raise UserError(f"{out} already holds {held}; continue it with --resume {out}, or pass --overwrite to replace it")
+        for name in RUN_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        for path in out.glob("metrics.rank*.jsonl"):
+            path.unlink()
+    else:
+        saved_path = out / "config.json"
+        if saved_path.is_file():
+            changed = _changed(asdict(config_from_run(out)), _run_settings(config))
+            if changed:
+                raise UserError(f"{out} was started with {', '.join(changed)}; a resumed run keeps its settings (only steps and checkpoint_every may change): drop those options, or start a new run with another --out")
+        if recover_folder(out / "checkpoint"):
+            step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+            notice(f"{out}/checkpoint: a run was killed while replacing its checkpoint; recovered the previous one (step {step}) from checkpoint.old")
+        state_path = out / "checkpoint" / "state.json"
+        if state_path.is_file():
+            state = json.loads(state_path.read_text())
+            if "config" in state and _changed(state["config"], _run_settings(config)):
+                raise UserError(f"{out}/checkpoint was written with other settings than {saved_path} ({', '.join(_changed(state['config'], _run_settings(config)))}); start a new run with another --out")
+            if state["step"] > config.steps:
+                raise UserError(f"{out} is at step {state['step']} already; --steps is the run's total: pass more than {state['step']} to continue")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", asdict(config))
+
+
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    log: Callable[[dict], None] = lambda row: None,
+    stop_after: int | None = None,
+    overwrite: bool = False,
+    notice: Callable[[str], None] = _say,
+) -> Path:
+    """Run ``config`` (``resume``: continue the run in ``config.out`` up to ``config.steps``
+    steps in all). The run folder is checked and claimed first: see ``prepare_run_folder``;
+    while it runs, an advisory lock keeps other processes out."""
+    config = check_config(config)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            stack.enter_context(folder_lock(config.out, "asgkit train"))
+            prepare_run_folder(config, resume, overwrite, notice)
+        if world_size > 1:
+            torch.distributed.barrier()
+        return _train_loop(config, resume, log, stop_after, world_size, rank)
+
+
+def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], stop_after: int | None, world_size: int, rank: int) -> Path:
+    # ---- setup: backbone, pool, optimizers, trackers ---------------------------------------
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     if config.flow_update not in ("flow_matching", "flow_grpo"):
         raise ValueError(f"flow_update {config.flow_update!r}: use 'flow_matching' or 'flow_grpo'")
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
-    backbone = load_backbone(config.backbone, model=config.model, **({"upstream": config.upstream} if config.upstream else {}))
-    if backbone.generation_paradigm not in ("ar_tokens", "rectified_flow") and config.generation_per_cycle:
-        raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone; 'ar_tokens' and 'rectified_flow' are built")
+    device = config.device
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    options = {"upstream": config.upstream, "device": device, "dtype": config.dtype}
+    backbone = load_backbone(config.backbone, model=config.model, **{k: v for k, v in options.items() if v})
+    if backbone.generation_paradigm not in ("ar_tokens", "rectified_flow", "diffusion") and config.generation_per_cycle:
+        raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone")
     pool = list_pool(config.images)
     optimizers = {
         role: torch.optim.AdamW(backbone.trainable_parameters(role), lr=config.lr, weight_decay=config.weight_decay)
@@ -181,13 +298,20 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
         state = json.loads((out / "checkpoint" / "state.json").read_text())
         backbone.load_roles(out / "checkpoint" / "roles")
         for role, optimizer in optimizers.items():
-            optimizer.load_state_dict(torch.load(out / "checkpoint" / f"optimizer_{role}.pt", weights_only=True))
+            path = out / "checkpoint" / f"optimizer_{role}.pt"
+            try:
+                optimizer.load_state_dict(torch.load(path, weights_only=True))
+            except (OSError, RuntimeError, ValueError, KeyError) as error:
+                raise UserError(f"{path}: cannot be read ({str(error).splitlines()[0]}); the checkpoint is damaged: start a new run with another --out") from None
+        if len(state["ranks"]) != world_size:
+            raise UserError(f"{out}/checkpoint was written by {len(state['ranks'])} process(es), not {world_size}: resume it with as many (torchrun --nproc_per_node {len(state['ranks'])})")
         mine = state["ranks"][str(rank)]
         percentile.load_state_dict(mine["percentile"])
         easy.load_state_dict(mine["easy"])
         solver_baseline.value, proposer_baseline.value = mine["solver_baseline"], mine["proposer_baseline"]
         kl_control.beta = state["beta"]
         start = state["step"]
+        cut_torn_line(metrics)  # a run killed during an append left half a row
         if metrics.exists():  # rows a killed run wrote after its last checkpoint are replayed
             kept = [row for _, row in read_jsonl(metrics) if row["step"] < start]
             metrics.write_text("".join(json.dumps(row) + "\n" for row in kept))
@@ -278,7 +402,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
                         for reward in judged.solver_rewards:
                             advantages.append(reward - solver_baseline.current)
                             solver_baseline.update(reward)
-                    loss = (torch.tensor(advantages) * nll).mean() + kl_control.beta * kl.mean()
+                    loss = (torch.tensor(advantages, device=nll.device) * nll).mean() + kl_control.beta * kl.mean()
                     kl_measured = kl.mean().item()
                     row.update(solver_loss=loss.item(), kl=kl_measured)
             row["solver_skip"] = apply("solver", loss, reason)
@@ -311,7 +435,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
                 with torch.no_grad(), backbone.role(None):
                     reference = backbone.score_completions(requests, [a.token_ids for a in asked])
                 mean_lp, mean_ref = masked_mean(scored.logprobs, scored.mask), masked_mean(reference.logprobs, reference.mask)
-                surrogate = clipped_surrogate(torch.tensor(advantages), mean_lp, mean_ref, config.clip_ratio)
+                surrogate = clipped_surrogate(torch.tensor(advantages, device=mean_lp.device), mean_lp, mean_ref, config.clip_ratio)
                 loss = surrogate.mean() + kl_control.beta * torch.relu(mean_lp - mean_ref).mean()
                 row.update(proposer_loss=loss.item())
             row.update(proposer_group_rewards=rewards, proposer_skip=apply("proposer", loss, reason))
@@ -346,7 +470,15 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
                 row.update(generation_rewards=rewards, s_fid=[s.fidelity.s_fid for s in scores], s_div=[s.diversity for s in scores],
                            s_cyc=[s.cycle.s_cyc for s in scores] if config.use_cycle else None)  # fmt: skip
                 advantages = group_advantages(rewards) if all(math.isfinite(r) for r in rewards) else None
-                if advantages is None:
+                if backbone.generation_paradigm == "diffusion" and all(math.isfinite(r) for r in rewards):
+                    # 4. Reward-weighted regression: reconstruct the real image from the spec prompt.
+                    training_mode(True)
+                    with backbone.role("generator"):
+                        flow_mse = backbone.source_flow_loss([image], [spec.prompt], seed=seed)
+                    training_mode(False)
+                    loss = reward_weighted_regression(flow_mse, max(rewards), config.rwr_weight).mean()
+                    row.update(generator_loss=loss.item(), flow_mse=flow_mse.mean().item())
+                elif advantages is None:
                     reason = "candidates tie (no preference)" if all(math.isfinite(r) for r in rewards) else "non-finite reward"
                 elif flow_grpo:
                     # 4. Flow-GRPO: each SDE step a Gaussian whose mean the velocity sets; clipped
@@ -390,7 +522,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
                     with torch.no_grad(), backbone.role(None):
                         reference = backbone.generation_logprobs(drawn.rollout)
                     mean_lp, mean_ref = logprobs.mean(-1), reference.mean(-1)
-                    surrogate = clipped_surrogate(torch.tensor(advantages), mean_lp, mean_ref, config.clip_ratio)
+                    surrogate = clipped_surrogate(torch.tensor(advantages, device=mean_lp.device), mean_lp, mean_ref, config.clip_ratio)
                     kl_measured = torch.relu(mean_lp - mean_ref).mean().item()
                     loss = surrogate.mean() + kl_control.beta * torch.relu(mean_lp - mean_ref).mean()
                     row.update(generator_loss=loss.item(), kl=kl_measured)
@@ -438,11 +570,12 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[dict], None]
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(out, backbone, optimizers, step + 1, kl_control.beta, rank, world_size,
                             {"percentile": percentile.state_dict(), "easy": easy.state_dict(),
-                             "solver_baseline": solver_baseline.value, "proposer_baseline": proposer_baseline.value})  # fmt: skip
+                             "solver_baseline": solver_baseline.value, "proposer_baseline": proposer_baseline.value},
+                            _run_settings(config))  # fmt: skip
     return out
 
 
-def save_checkpoint(out: Path, backbone, optimizers: dict, step: int, beta: float, rank: int, world_size: int, trackers: dict) -> None:
+def save_checkpoint(out: Path, backbone, optimizers: dict, step: int, beta: float, rank: int, world_size: int, trackers: dict, config: dict | None = None) -> None:
     """Every rank's trackers are gathered; rank 0 writes the checkpoint folder atomically."""
     everyone = [trackers]
     if world_size > 1:
@@ -456,20 +589,58 @@ def save_checkpoint(out: Path, backbone, optimizers: dict, step: int, beta: floa
     backbone.save_roles(staged / "roles")
     for role, optimizer in optimizers.items():
         torch.save(optimizer.state_dict(), staged / f"optimizer_{role}.pt")
-    state = {"step": step, "beta": beta, "ranks": {str(r): t for r, t in enumerate(everyone)}}
+    state = {"step": step, "beta": beta, "ranks": {str(r): t for r, t in enumerate(everyone)}, "config": config}
     (staged / "state.json").write_text(json.dumps(state))
     swap_in_folder(staged, out / "checkpoint")
 
 
 def config_from_run(folder: str | Path, **overrides) -> TrainConfig:
-    """The config a run was started with (``RUN/config.json``), with overrides."""
-    saved = json.loads((Path(folder) / "config.json").read_text())
+    """The config a run was started with (``RUN/config.json``), with overrides. Relative
+    local paths in it resolve from the run folder, never from the current directory."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        described = describe_run(folder) if folder.is_dir() else None
+        raise UserError(f"{folder} holds no run to resume (no config.json{'; it holds ' + described if described else ''}); start one with --images DIR --out {folder}")
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: expected a JSON object")
     known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+    settings = {k: v for k, v in saved.items() if k in known}
+    for key in ("images", "model"):
+        value = settings.get(key)
+        if value and not Path(value).is_absolute() and (key == "images" or looks_like_path(value) or (folder / value).exists()):
+            settings[key] = str((folder / value).resolve())
+    settings["out"] = str(folder)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def resume_config(folder: str | Path, **asked) -> TrainConfig:
+    """The saved config of the run in ``folder`` for ``train(..., resume=True)``. ``asked``
+    are the settings a person gave again: ``steps`` (the new total) and ``checkpoint_every``
+    replace the saved ones; any other that differs from the saved value is refused."""
+    config = config_from_run(folder)
+    saved = asdict(config)
+    unknown = [k for k in asked if k not in saved]
+    if unknown:
+        raise TypeError(f"unknown TrainConfig fields: {', '.join(unknown)}")
+    changed = _changed(saved, {k: v for k, v in asked.items() if k not in ("out",) + CHANGEABLE_ON_RESUME})
+    if changed:
+        raise UserError(f"{folder} was started with {', '.join(changed)}; a resumed run keeps its settings (only --steps, --checkpoint-every and --upstream may change): drop those options, or start a new run with another --out")
+    return replace(config, **{k: v for k, v in asked.items() if k in CHANGEABLE_ON_RESUME})
+
+
+# The total, the checkpoint cadence and where the upstream checkout lives change no result.
+CHANGEABLE_ON_RESUME = ("steps", "checkpoint_every", "upstream")
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m asg_kit.train.loop RUN_CONFIG.json
-    import sys
-
     config = TrainConfig(**json.loads(Path(sys.argv[1]).read_text()))
-    train(config, resume="--resume" in sys.argv)
+    try:
+        train(config, resume="--resume" in sys.argv, overwrite="--overwrite" in sys.argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

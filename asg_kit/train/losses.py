@@ -26,6 +26,16 @@ def full_kl(logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Te
     return (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
 
+def reward_weighted_regression(flow_mse: torch.Tensor, best_reward: float, weight: float = 0.5) -> torch.Tensor:
+    """BLIP3o's published Generator update: ``(1 + w * clip01(r_best)) * MSE``, where MSE is
+    the flow-matching loss of the generator on the SOURCE image given the spec prompt and
+    ``r_best`` the best candidate's R_G. The weight lies in [1, 1 + w]: the reward only sets
+    how strongly the real image is regressed onto, never pushes away from one."""
+    if not math.isfinite(best_reward):
+        raise ValueError(f"the best candidate's reward must be finite, got {best_reward}")
+    return (1.0 + weight * min(1.0, max(0.0, best_reward))) * flow_mse
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-row mean over the masked positions of (batch, tokens) values."""
     mask = mask.to(values.dtype)
