@@ -230,8 +230,8 @@ class _Checker:
                         p.copy_(old)
         gap = _max_gap(base, moved_base)
         yield CheckResult("reference_is_base", gap == 0.0, gap, 0.0, "role(None) scores change when every role's weights change")
-        # A flow Generator's LoRA sits on the generation expert, which text never passes
-        # through: its effect shows in the Generator objective instead of in text scores.
+        # A Generator whose LoRA text never passes through shows its effect in the
+        # Generator objective instead of in text scores.
         by_role = {r: self.score(r) for r in self.text_roles}
         gaps = [_max_gap(by_role[r], base) for r in self.text_roles]
         if "generator" not in self.text_roles:
@@ -247,9 +247,10 @@ class _Checker:
 
     @property
     def text_roles(self) -> tuple[str, ...]:
-        """The roles whose LoRA text passes through: all of them for "ar_tokens"; the
-        other paradigms' Generator is checked through its objective alone."""
-        if self.b.generation_paradigm == "ar_tokens":
+        """The roles whose LoRA text passes through: all of them, unless the backbone's
+        Generator LoRA sits where text never goes (``generator_on_text = False``: BAGEL's
+        generation expert); that Generator is checked through its objective alone."""
+        if getattr(self.b, "generator_on_text", True):
             return self.roles
         return tuple(r for r in self.roles if r != "generator")
 
