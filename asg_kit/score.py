@@ -114,13 +114,13 @@ def load_user_questions(path: Path) -> dict[str, GenerationSpec]:
 
 def check_judge(judge: Judge, device: str | None = None) -> None:
     """Backbone name, model folder, device and dtype, checked before a model loads."""
-    from asg_kit.adapters.registry import BackboneUnavailable, adapter_class
+    from asg_kit.adapters.registry import BackboneUnavailable, adapter_class, checkpoint_file
 
     try:
-        cls = adapter_class(judge.backbone)
+        adapter_class(judge.backbone)
     except (ValueError, BackboneUnavailable) as error:
         raise ScoreSetupError(str(error)) from None
-    marker = getattr(cls, "checkpoint_marker", "config.json")  # BAGEL's folder has llm_config.json instead
+    marker = checkpoint_file(judge.backbone)
     if judge.model is not None:
         path = Path(judge.model).expanduser()
         if path.exists():

@@ -286,7 +286,6 @@ class BagelAdapter:
     name = "bagel"
     generation_paradigm = "rectified_flow"
     default_model: str | None = "ByteDance-Seed/BAGEL-7B-MoT"
-    checkpoint_marker = "llm_config.json"  # a checkpoint folder has this file (no config.json)
     generator_on_text = False  # the Generator's LoRA is on the generation expert: text never reaches it
 
     def __init__(self, model, vae, tokenizer, token_ids: dict, settings: BagelSettings, upstream, lora: LoraSettings | None = LoraSettings(), roles: Sequence[str] = ROLES) -> None:
