@@ -125,6 +125,12 @@ def test_missing_checkout_is_one_error_naming_repository_commit_and_remedy(tmp_p
     message = str(error.value)
     assert "VARGPT-family/VARGPT-v1.1" in message and UPSTREAMS["vargpt"].commit in message
     assert str(tmp_path) in message and "--upstream" in message and "\n" not in message
+    # a wrong --upstream is an error even where another copy could be found
+    make_checkout(tmp_path / "elsewhere" / "VARGPT-v1.1", "vargpt")
+    monkeypatch.setenv("ASGKIT_UPSTREAM", str(tmp_path / "elsewhere"))
+    with pytest.raises(UpstreamNotFound, match="--upstream .* holds no"):
+        locate_upstream("vargpt", tmp_path)
+    assert locate_upstream("vargpt") == (tmp_path / "elsewhere" / "VARGPT-v1.1").resolve()
     with pytest.raises(ValueError, match="known: bagel, blip3o, vargpt"):
         locate_upstream("janus")
 

@@ -122,28 +122,25 @@ def _installed_checkout(repo: UpstreamRepo) -> Path | None:
 def locate_upstream(backbone: str, upstream: str | os.PathLike | None = None) -> Path:
     """The checkout of ``backbone``'s upstream repository to import.
 
-    Looked for, first match wins: ``upstream`` (the checkout itself, or a folder holding it
-    under the repository's name), the ``ASGKIT_UPSTREAM`` environment variable (same forms),
-    an importable installed copy. A checkout at another commit than the verified one is used
+    Looked for: ``upstream`` when given (the checkout itself, or a folder holding it under
+    the repository's name; a given folder that holds neither is an error, never passed over
+    for another copy), else the ``ASGKIT_UPSTREAM`` environment variable (same forms), else an
+    importable installed copy. A checkout at another commit than the verified one is used
     with a warning; no checkout is an :class:`UpstreamNotFound` saying how to get one.
     """
     if backbone not in UPSTREAMS:
         raise ValueError(f"no upstream repository is registered for backbone {backbone!r}; known: {', '.join(sorted(UPSTREAMS))}")
     repo = UPSTREAMS[backbone]
-    tried: list[str] = []
-    for origin, value in (("upstream", upstream), (UPSTREAM_ENV, os.environ.get(UPSTREAM_ENV))):
-        if not value:
-            continue
+    origin, value = ("--upstream", upstream) if upstream else (UPSTREAM_ENV, os.environ.get(UPSTREAM_ENV))
+    if value:
         base = Path(value).expanduser()
         for folder in (base, base / repo.folder):
             if _is_checkout(folder, repo):
                 _warn_if_other_commit(folder, repo)
                 return folder.resolve()
-        tried.append(f"{origin}={value}")
-    installed = _installed_checkout(repo)
-    if installed is not None:
+    elif (installed := _installed_checkout(repo)) is not None:
         return installed.resolve()
-    where = f" (looked in {', '.join(tried)}: no {repo.marker_files[0]} there)" if tried else ""
+    where = f" ({origin} {value} holds no {repo.marker_files[0]}, nor {repo.folder}/ with it)" if value else ""
     raise UpstreamNotFound(
         f"backbone {backbone!r} runs the upstream code of {repo.url}, verified at commit {repo.commit}, "
         f"and no checkout of it was found{where}; get one with `{repo.clone_hint()}` and pass "
