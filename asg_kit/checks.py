@@ -45,8 +45,12 @@ def check_model(backbone: str, model: str | None) -> None:
         raise UserError(f"model {model}: no such folder")
     if not path.is_dir():
         raise UserError(f"model {model}: is a file; pass the checkpoint folder (with config.json)")
-    if not (path / "config.json").is_file():
-        raise UserError(f"model {model}: no config.json in this folder; pass a checkpoint folder in transformers' format")
+    from asg_kit.adapters.registry import checkpoint_file
+
+    marker = checkpoint_file(backbone)
+    if not (path / marker).is_file():
+        layout = "transformers' format" if marker == "config.json" else f"{backbone}'s released layout"
+        raise UserError(f"model {model}: no {marker} in this folder; pass a checkpoint folder in {layout}")
 
 
 def check_device(device: str | None) -> None:

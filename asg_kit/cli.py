@@ -149,7 +149,7 @@ def score(
     out: Optional[Path] = typer.Option(None, help="Output JSONL, one line per image (default: FOLDER/asg_scores.jsonl, or asg_difficulty.jsonl)."),
     difficulty: bool = typer.Option(False, "--difficulty", help="Rank unlabeled images by difficulty instead (Proposer questions, STE, self-consistency, bucket); needs no prompts."),
     device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda:1 (default: cuda when there is a GPU, else cpu)."),
-    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 (default: the backbone's, float32; README, Backbones)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 (default: the backbone's own: float32, BAGEL bfloat16; README, Backbones)."),
     fresh: bool = typer.Option(False, "--fresh", help="Replace what is at --out (another job's rows, or any file that is not an input) instead of resuming."),
     max_prompt_chars: int = typer.Option(2000, help="Longer prompts and questions get a row with the reason instead of a model call."),
     max_pixels: Optional[int] = typer.Option(None, help="Larger images get a row with the reason (default: Pillow's decompression-bomb limit, about 89 megapixels); large images below it are downscaled."),
@@ -263,7 +263,7 @@ def train(
     checkpoint_every: int = typer.Option(50, help="Steps between checkpoints."),
     upstream: Optional[Path] = UPSTREAM,
     device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda:1 (default: cuda when there is a GPU, else cpu; under torchrun each process takes the GPU of its LOCAL_RANK). May change on --resume."),
-    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 (default: the backbone's, float32; README, Backbones)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 (default: the backbone's own: float32, BAGEL bfloat16; README, Backbones)."),
     report_to: str = typer.Option("none", help="Also log every step's metrics to tensorboard (RUN/tensorboard) or wandb (RUN/wandb, offline without an API key); none: metrics.jsonl only."),
     log_images_every: int = typer.Option(50, help="With --report-to: steps between the Generator's candidate images (with their R_G) sent to the tracker; 0: never."),
 ) -> None:
@@ -311,7 +311,7 @@ def train(
         finally:
             if progress.live.is_started:
                 progress.stop()
-    except (UserError, FileNotFoundError, JsonlError, ImportError) as error:  # ImportError: a backbone, its dependencies or its upstream checkout missing
+    except (UserError, OSError, JsonlError, ImportError) as error:  # OSError: a missing pool or checkpoint; ImportError: a backbone, its dependencies or its upstream checkout
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
     except KeyboardInterrupt:
@@ -331,7 +331,7 @@ def check(
     tiny: bool = typer.Option(False, "--tiny", help="Check a tiny random-weight instance built here (upstream backbones: from the real upstream classes), saved and loaded through the backbone's real loading path; no download."),
     save_tiny: Optional[Path] = typer.Option(None, help="Also keep that tiny instance as a checkpoint folder (a new folder), which --model DIR loads (implies --tiny)."),
     device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda:1 (default: cuda when there is a GPU, else cpu)."),
-    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 (default: the backbone's, float32; tolerances follow the dtype)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 (default: the backbone's own: float32, BAGEL bfloat16; tolerances follow the dtype)."),
     seed: int = typer.Option(0, help="Seed of the tiny weights, the role weights and every sample."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
 ) -> None:
@@ -498,7 +498,7 @@ def bench(
         "understanding metrics + geneval), understanding, shapes (shapes_vqa + shapes_geneval). Tasks: shapes_vqa, "
         "shapes_geneval, geneval, or any lmms-eval task (mmmu_val, ...). Default: shapes for micro, paper otherwise.",
     ),
-    backbone: str = typer.Option("micro", help="Registered backbone (asgkit's registry: blip3o, janus, micro)."),
+    backbone: str = typer.Option("micro", help="Registered backbone (asgkit's registry: blip3o, janus, micro, vargpt)."),
     model: Optional[str] = typer.Option(None, help="Checkpoint folder or hub id (default: the backbone's own)."),
     roles: Optional[Path] = typer.Option(None, help="Trained role adapters to evaluate: a training run's folder (its checkpoint/roles) or a roles folder."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model, every adapter off."),
@@ -516,6 +516,7 @@ def bench(
     geneval_mode: str = GENEVAL_MODE,
     images_per_prompt: int = typer.Option(4, min=1, help="GenEval images per prompt (GenEval: 4)."),
     guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for GenEval and shapes-GenEval."),
+    image_temperature: float = typer.Option(1.0, help="Sampling temperature of GenEval and shapes-GenEval images (VARGPT's own: 0.5)."),
     evaluator_python: str = EVALUATOR_PYTHON,
     detector_dir: Optional[Path] = DETECTOR_DIR,
     model_config: Optional[Path] = MODEL_CONFIG,
@@ -537,7 +538,7 @@ def bench(
     config = BenchConfig(
         backbone=backbone, model=model, base=base, tasks=names, out=str(out), seed=seed, device=device, dtype=dtype,
         reference=reference, fresh=fresh, limit=limit, batch_size=batch_size, gen_kwargs=gen_kwargs,
-        geneval_mode=geneval_mode, images_per_prompt=images_per_prompt, guidance=guidance, evaluator_python=evaluator_python,
+        geneval_mode=geneval_mode, images_per_prompt=images_per_prompt, guidance=guidance, image_temperature=image_temperature, evaluator_python=evaluator_python,
         detector=detector, clip=clip, per_kind=per_kind, per_category=per_category, shapes_images=shapes_images, **paths,
     )  # fmt: skip
     try:

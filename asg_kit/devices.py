@@ -2,7 +2,7 @@
 
 The GPU when there is one (under ``torchrun``, each process the GPU of its ``LOCAL_RANK``),
 otherwise the backbone's own default (the CPU); the dtype is the backbone's own default
-(float32) unless asked. ``choose_device`` is the rule as a pure function of what the
+(float32; BAGEL bfloat16) unless asked. ``choose_device`` is the rule as a pure function of what the
 machine has, so that the GPU choice is tested on machines without one.
 """
 

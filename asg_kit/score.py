@@ -114,19 +114,20 @@ def load_user_questions(path: Path) -> dict[str, GenerationSpec]:
 
 def check_judge(judge: Judge, device: str | None = None) -> None:
     """Backbone name, model folder, device and dtype, checked before a model loads."""
-    from asg_kit.adapters.registry import BackboneUnavailable, adapter_class
+    from asg_kit.adapters.registry import BackboneUnavailable, adapter_class, checkpoint_file
 
     try:
         adapter_class(judge.backbone)
     except (ValueError, BackboneUnavailable) as error:
         raise ScoreSetupError(str(error)) from None
+    marker = checkpoint_file(judge.backbone)
     if judge.model is not None:
         path = Path(judge.model).expanduser()
         if path.exists():
             if not path.is_dir():
                 raise ScoreSetupError(f"--model {judge.model} is a file; pass the model's folder (config.json, *.safetensors)")
-            if not (path / "config.json").is_file():
-                raise ScoreSetupError(f"--model {judge.model} has no config.json; pass the model's folder")
+            if not (path / marker).is_file():
+                raise ScoreSetupError(f"--model {judge.model} has no {marker}; pass the model's folder")
         elif _looks_local(judge.model):
             raise ScoreSetupError(f"--model {judge.model} does not exist (a local folder, or a hub id like org/name)")
     if judge.dtype is not None and judge.dtype not in DTYPES:

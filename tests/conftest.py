@@ -30,7 +30,7 @@ def tiny_janus():
 UPSTREAM_ENV = "ASGKIT_UPSTREAM"
 UPSTREAM_BACKBONES = {
     # marker: checkout folder, modules the environment must have, transformers [from, below)
-    "vargpt": {"folder": "VARGPT-v1.1", "modules": ("timm", "einops", "cv2", "imageio", "torchvision"), "transformers": ("4.46", "4.47")},
+    "vargpt": {"folder": "VARGPT-v1.1", "modules": ("timm", "einops", "cv2", "imageio", "torchvision", "pandas", "yaml", "pytz", "tqdm"), "transformers": ("4.46", "4.47")},
     "bagel": {"folder": "Bagel", "modules": ("einops", "accelerate"), "transformers": ("4.49", "4.50")},
     # BLIP3o understands through transformers 5's own Qwen2.5-VL (asg_kit/adapters/blip3o.py)
     "blip3o": {"folder": "BLIP3o", "modules": ("diffusers", "einops"), "transformers": ("5.23", "6.0")},

@@ -125,6 +125,12 @@ def test_missing_checkout_is_one_error_naming_repository_commit_and_remedy(tmp_p
     message = str(error.value)
     assert "VARGPT-family/VARGPT-v1.1" in message and UPSTREAMS["vargpt"].commit in message
     assert str(tmp_path) in message and "--upstream" in message and "\n" not in message
+    # a wrong --upstream is an error even where another copy could be found
+    make_checkout(tmp_path / "elsewhere" / "VARGPT-v1.1", "vargpt")
+    monkeypatch.setenv("ASGKIT_UPSTREAM", str(tmp_path / "elsewhere"))
+    with pytest.raises(UpstreamNotFound, match="--upstream .* holds no"):
+        locate_upstream("vargpt", tmp_path)
+    assert locate_upstream("vargpt") == (tmp_path / "elsewhere" / "VARGPT-v1.1").resolve()
     with pytest.raises(ValueError, match="known: bagel, blip3o, vargpt"):
         locate_upstream("janus")
 
@@ -154,3 +160,22 @@ def test_the_fixture_trees_are_recognised(backbone, monkeypatch):
         pytest.skip("set ASGKIT_UPSTREAM to a folder holding the upstream checkouts (CI: ../shared/upstream)")
     monkeypatch.delenv("ASGKIT_UPSTREAM")
     assert locate_upstream(backbone, root).name == UPSTREAMS[backbone].folder
+
+
+def test_uncompile_module_gives_back_the_plain_functions_of_that_module_only():
+    import types
+
+    from asg_kit.adapters.upstream import uncompile_module
+
+    def norm(x):
+        return x / x.norm()
+
+    module = types.ModuleType("fake_upstream_fused_op")
+    module.norm = torch.compile(norm, fullgraph=True)
+    module.plain = len
+    elsewhere = torch.compile(norm)
+    assert uncompile_module(module) == ["norm"]
+    assert module.norm is norm and module.plain is len
+    assert getattr(elsewhere, "_torchdynamo_orig_callable", None) is norm  # other compiled functions stay compiled
+    x = torch.tensor([3.0, 4.0])
+    assert torch.equal(module.norm(x), torch.tensor([0.6, 0.8]))

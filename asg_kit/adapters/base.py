@@ -97,9 +97,45 @@ class ImageRollout:
 
 
 @dataclass
+class FlowRollout:
+    """What rectified-flow generation did, enough to recompute differentiable velocities:
+    the conditional prompt ids of each row (rows = prompts x n, in prompt order) and the
+    trajectory. ``latents`` (rows, steps + 1, tokens, channels) holds x_t at every time of
+    ``timesteps`` (steps + 1 values from 1 = noise down to 0 = data): ``latents[:, 0]`` is
+    the seeded initial noise, ``latents[:, -1]`` the generated latent. ``guidance`` (steps,)
+    is the CFG scale each step applied (1 outside the guidance interval); ``image_size`` is
+    (height, width) in pixels. ``noise_level`` is the SDE's eta (0: the deterministic ODE),
+    each step then a Gaussian transition (``asg_kit.train.losses.sde_step``)."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    prompt_index: list[int]
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    guidance: torch.Tensor
+    guidance_scale: float
+    image_size: tuple[int, int]
+    seeds: list[int] = field(default_factory=list)
+    noise_level: float = 0.0
+
+
+@dataclass
+class NoisedLatents:
+    """Flow-matching inputs for a rollout's generated latents x_0: fresh noise eps at a
+    time t per row, ``noisy = (1 - t) x_0 + t eps`` and the target velocity ``eps - x_0``."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+@dataclass
 class GeneratedImages:
+    """Images per prompt and the rollout: an :class:`ImageRollout` (token sequences) for
+    "ar_tokens" backbones, a :class:`FlowRollout` (latent trajectories) for "rectified_flow"."""
+
     images: list[list[Image.Image]]
-    rollout: ImageRollout
+    rollout: ImageRollout | FlowRollout
 
 
 @runtime_checkable
@@ -181,4 +217,21 @@ class ConformanceHooks(Protocol):
 
     def prompt_ids(self, text: str, with_image: bool) -> list[int]: ...
 
-    def generator_loss(self, rollout: ImageRollout) -> torch.Tensor: ...
+    def generator_loss(self, rollout: ImageRollout | FlowRollout) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class FlowGenerator(Protocol):
+    """What a "rectified_flow" backbone adds for the Generator update (the training loop's
+    flow branch): fresh flow-matching noise for a rollout's generated latents, and the
+    velocities the active role predicts for noisy latents, conditioned on each row's prompt
+    and differentiable when grad is enabled."""
+
+    def noised_latents(self, rollout: FlowRollout, seed: int = 0) -> NoisedLatents: ...
+
+    def velocities(self, rollout: FlowRollout, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+    def guided_velocities(self, rollout: FlowRollout) -> torch.Tensor:
+        """(rows, steps, tokens, channels): the velocity each rollout step applied (its
+        guidance included), recomputed under the active role, differentiable (Flow-GRPO)."""
+        ...

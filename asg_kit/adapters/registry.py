@@ -12,7 +12,8 @@ from pathlib import Path
 from asg_kit.adapters.base import UnifiedBackbone
 
 # name -> where its adapter class is ("module:Class"), where its tiny builder is
-# ("module:function", see save_tiny_checkpoint), and what to install when the import fails.
+# ("module:function", see save_tiny_checkpoint), what to install when the import fails, and
+# (optional) the file that marks its checkpoint folder when it is not config.json.
 BACKBONES: dict[str, dict[str, str]] = {
     "janus": {
         "adapter": "asg_kit.adapters.janus:JanusAdapter",
@@ -23,6 +24,17 @@ BACKBONES: dict[str, dict[str, str]] = {
         "adapter": "asg_kit.adapters.micro:MicroAdapter",
         "tiny": "asg_kit.micro.model:save_tiny_micro",
         "install": "pip install -U 'transformers>=4.52'",
+    },
+    "bagel": {
+        "adapter": "asg_kit.adapters.bagel:BagelAdapter",
+        "tiny": "asg_kit.adapters.tiny_bagel:save_tiny_bagel",
+        "install": "pip install -e '.[bagel]' and a checkout of ByteDance-Seed/Bagel (--upstream DIR)",
+        "checkpoint_file": "llm_config.json",  # the released folder has no config.json
+    },
+    "vargpt": {
+        "adapter": "asg_kit.adapters.vargpt:VARGPTAdapter",
+        "tiny": "asg_kit.adapters.tiny_vargpt:write_tiny_vargpt",
+        "install": "pip install -e '.[vargpt]' in its own venv (transformers 4.46; README, VARGPT-v1.1)",
     },
     "blip3o": {
         "adapter": "asg_kit.adapters.blip3o:Blip3oAdapter",
@@ -96,3 +108,9 @@ def roles_folder(path) -> str:
 
     run_roles = Path(path) / "checkpoint" / "roles"
     return str(run_roles if run_roles.is_dir() else Path(path))
+
+
+def checkpoint_file(name: str) -> str:
+    """The file every checkpoint folder of backbone ``name`` holds (config.json unless its
+    registry entry says otherwise)."""
+    return BACKBONES.get(name, {}).get("checkpoint_file", "config.json")

@@ -122,28 +122,25 @@ def _installed_checkout(repo: UpstreamRepo) -> Path | None:
 def locate_upstream(backbone: str, upstream: str | os.PathLike | None = None) -> Path:
     """The checkout of ``backbone``'s upstream repository to import.
 
-    Looked for, first match wins: ``upstream`` (the checkout itself, or a folder holding it
-    under the repository's name), the ``ASGKIT_UPSTREAM`` environment variable (same forms),
-    an importable installed copy. A checkout at another commit than the verified one is used
+    Looked for: ``upstream`` when given (the checkout itself, or a folder holding it under
+    the repository's name; a given folder that holds neither is an error, never passed over
+    for another copy), else the ``ASGKIT_UPSTREAM`` environment variable (same forms), else an
+    importable installed copy. A checkout at another commit than the verified one is used
     with a warning; no checkout is an :class:`UpstreamNotFound` saying how to get one.
     """
     if backbone not in UPSTREAMS:
         raise ValueError(f"no upstream repository is registered for backbone {backbone!r}; known: {', '.join(sorted(UPSTREAMS))}")
     repo = UPSTREAMS[backbone]
-    tried: list[str] = []
-    for origin, value in (("upstream", upstream), (UPSTREAM_ENV, os.environ.get(UPSTREAM_ENV))):
-        if not value:
-            continue
+    origin, value = ("--upstream", upstream) if upstream else (UPSTREAM_ENV, os.environ.get(UPSTREAM_ENV))
+    if value:
         base = Path(value).expanduser()
         for folder in (base, base / repo.folder):
             if _is_checkout(folder, repo):
                 _warn_if_other_commit(folder, repo)
                 return folder.resolve()
-        tried.append(f"{origin}={value}")
-    installed = _installed_checkout(repo)
-    if installed is not None:
+    elif (installed := _installed_checkout(repo)) is not None:
         return installed.resolve()
-    where = f" (looked in {', '.join(tried)}: no {repo.marker_files[0]} there)" if tried else ""
+    where = f" ({origin} {value} holds no {repo.marker_files[0]}, nor {repo.folder}/ with it)" if value else ""
     raise UpstreamNotFound(
         f"backbone {backbone!r} runs the upstream code of {repo.url}, verified at commit {repo.commit}, "
         f"and no checkout of it was found{where}; get one with `{repo.clone_hint()}` and pass "
@@ -272,6 +269,150 @@ def install_flash_attn_fallback() -> bool:
     module.flash_attn_func = _flash_attn_func
     sys.modules["flash_attn"] = module
     return True
+
+
+# --------------------------------------------------------------------------------------
+# BAGEL (ByteDance-Seed/Bagel)
+# --------------------------------------------------------------------------------------
+
+
+def _register_transformers5_default_rope() -> None:
+    """BAGEL's copied Qwen2 modeling looks up ``ROPE_INIT_FUNCTIONS["default"]``, which
+    transformers 5 no longer registers: register the 4.x default (inverse frequencies
+    ``theta^(-2i/d)``, attention factor 1). Nothing changes under 4.x (BAGEL's pin)."""
+    from transformers import modeling_rope_utils
+
+    def default_rope(config, device=None, seq_len=None, **kwargs):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim
+        return 1.0 / (config.rope_theta**exponent), 1.0
+
+    modeling_rope_utils.ROPE_INIT_FUNCTIONS.setdefault("default", default_rope)
+
+
+def _sdpa_with_math_fallback(sdpa_kernel, math_backend):
+    """BAGEL's packed training attention pins SDPA to the CUDA-only EFFICIENT_ATTENTION
+    backend ("No viable backend" on CPU). Allowing the MATH backend as well keeps the
+    efficient kernel wherever it runs and gives every other device a kernel."""
+
+    def allowing_math(backends, *args, **kwargs):
+        backends = list(backends) if isinstance(backends, (list, tuple)) else [backends]
+        return sdpa_kernel(backends + [math_backend], *args, **kwargs)
+
+    return allowing_math
+
+
+def import_bagel(upstream: str | os.PathLike | None = None) -> types.SimpleNamespace:
+    """Import BAGEL's modules from its checkout (see :func:`locate_upstream`), with the
+    flash-attn fallback when flash-attn is absent, transformers 5's missing default RoPE
+    registered, and the SDPA backend pin relaxed. Returns the pieces an adapter uses."""
+    import transformers
+
+    checkout = locate_upstream("bagel", upstream)
+    install_flash_attn_fallback()
+    # BAGEL's top-level packages are named `data`, `modeling` and `inferencer`: a different
+    # package of that name imported earlier would shadow the checkout, so say so.
+    for name in ("data", "modeling"):
+        loaded = sys.modules.get(name)
+        where = getattr(loaded, "__file__", None) or next(iter(getattr(loaded, "__path__", []) or []), None)
+        if loaded is not None and where and not Path(where).resolve().is_relative_to(checkout):
+            raise UpstreamNotFound(f"a module named {name!r} from {where} is already imported; BAGEL's checkout {checkout} needs that name")
+    put_on_path(checkout)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        _register_transformers5_default_rope()
+    try:
+        import data.data_utils as data_utils
+        import modeling.bagel.qwen2_navit as qwen2_navit
+        from modeling.autoencoder import AutoEncoder, AutoEncoderParams
+        from modeling.bagel import Bagel, BagelConfig, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+        from modeling.qwen2 import Qwen2Tokenizer, tokenization_qwen2
+    except ImportError as error:
+        raise ImportError(
+            f"BAGEL's code in {checkout} does not import here ({error}; transformers {transformers.__version__}); "
+            "its environment: pip install -e '.[bagel]' (transformers 4.49.0, accelerate, einops)"
+        ) from error
+
+    if not getattr(qwen2_navit, "_asgkit_sdpa", False):
+        qwen2_navit.sdpa_kernel = _sdpa_with_math_fallback(qwen2_navit.sdpa_kernel, qwen2_navit.SDPBackend.MATH)
+        qwen2_navit._asgkit_sdpa = True
+    return types.SimpleNamespace(
+        checkout=checkout,
+        data_utils=data_utils,
+        NaiveCache=qwen2_navit.NaiveCache,
+        AutoEncoder=AutoEncoder,
+        AutoEncoderParams=AutoEncoderParams,
+        Bagel=Bagel,
+        BagelConfig=BagelConfig,
+        Qwen2Config=Qwen2Config,
+        Qwen2ForCausalLM=Qwen2ForCausalLM,
+        SiglipVisionConfig=SiglipVisionConfig,
+        SiglipVisionModel=SiglipVisionModel,
+        Qwen2Tokenizer=Qwen2Tokenizer,
+        tokenization_qwen2=tokenization_qwen2,
+    )
+
+
+def bagel_autocast(device: torch.device):
+    """BAGEL runs its bf16 model next to an fp32 VAE, and its MoT layers cast some
+    activations to bf16 themselves, under ``torch.autocast("cuda", bfloat16)``, a no-op on
+    other devices: autocast on the model's own device type instead."""
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# torchvision without its C++ ops, torch.compile'd helpers on CPU
+# --------------------------------------------------------------------------------------
+
+_KEPT_LIBRARIES: list = []  # torch.library.Library objects must outlive the schemas they define
+
+
+def allow_torchvision_without_ops() -> str:
+    """Let ``import torchvision`` succeed when its C++ ops do not load.
+
+    PyPI's torchvision wheels are CUDA builds; next to a CPU torch their extension fails to
+    load, and ``torchvision/_meta_registrations.py`` then dies on ``register_fake`` for
+    ``torchvision::nms`` and ``qnms`` (the only two it does not guard). transformers imports
+    torchvision whenever it is installed, so every model import fails. Defining those two
+    schemas first lets the pure-Python parts import; the detection ops stay unavailable, and
+    nothing asg-kit runs calls them. Returns "absent", "native" or "schemas defined (nms, qnms)".
+    """
+    if importlib.util.find_spec("torchvision") is None:
+        return "absent"
+    try:
+        import torchvision  # noqa: F401
+
+        return "native"
+    except RuntimeError as error:
+        if "torchvision::nms" not in str(error):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    library = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _KEPT_LIBRARIES.append(library)
+    import torchvision  # noqa: F401,F811
+
+    return "schemas defined (nms, qnms)"
+
+
+def uncompile_module(module: types.ModuleType) -> list[str]:
+    """Replace the ``torch.compile``-decorated functions of an upstream module by the plain
+    functions they wrap. Names another module imported are bindings of their own: call it
+    on every module of the upstream package, before its models are built.
+
+    On CPU, a compiled function means an inductor C++ build at its first call (seconds to
+    minutes, and a compiler on the machine); eager mode computes the same values. Only this
+    module's functions change: torch.compile keeps working for everything else. Returns the
+    names replaced."""
+    replaced = []
+    for name, value in list(vars(module).items()):
+        original = getattr(value, "_torchdynamo_orig_callable", None)
+        if callable(value) and original is not None:
+            setattr(module, name, original)
+            replaced.append(name)
+    return replaced
 
 
 # --------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class BenchConfig:
     geneval_mode: str = "portable"
     images_per_prompt: int = 4
     guidance: float = 5.0
+    image_temperature: float = 1.0  # sampling temperature of generated images (VARGPT: upstream's tau 0.5)
     evaluator_python: str = sys.executable  # official mode: the GenEval environment's python
     detector_dir: str | None = None  # official mode: folder of the mmdetection Mask2Former checkpoint
     model_config: str | None = None  # official mode: mmdetection config path (for wheel installs of mmdet)
@@ -121,9 +122,9 @@ def _fingerprint(config: BenchConfig, task: str) -> dict:
     if task == "shapes_vqa":
         specific = {"per_kind": config.per_kind}
     elif task == "shapes_geneval":
-        specific = {"per_category": config.per_category, "images": config.shapes_images, "guidance": config.guidance}
+        specific = {"per_category": config.per_category, "images": config.shapes_images, "guidance": config.guidance, "temperature": config.image_temperature}
     elif task == "geneval":
-        specific = {"geneval": config.geneval, "mode": config.geneval_mode, "limit": config.limit, "images": config.images_per_prompt, "guidance": config.guidance}  # fmt: skip
+        specific = {"geneval": config.geneval, "mode": config.geneval_mode, "limit": config.limit, "images": config.images_per_prompt, "guidance": config.guidance, "temperature": config.image_temperature}  # fmt: skip
     else:
         specific = {"data_dir": config.data_dir, "limit": config.limit, "gen_kwargs": config.gen_kwargs}
     return {**common, **specific}
@@ -263,7 +264,7 @@ def _shapes_geneval(backbone, config: BenchConfig, role, progress_bar: ProgressB
 
     metadata = benchmarks.geneval_prompts(config.per_category, config.seed)
     result = benchmarks.run_geneval(
-        backbone, metadata, config.shapes_images, config.guidance, seed=config.seed, progress=progress_bar("shapes-GenEval", len(metadata)), role=role
+        backbone, metadata, config.shapes_images, config.guidance, temperature=config.image_temperature, seed=config.seed, progress=progress_bar("shapes-GenEval", len(metadata)), role=role
     )
     picks = [next(i for i, m in enumerate(metadata) if m["tag"] == tag) for tag in dict.fromkeys(m["tag"] for m in metadata)]
     grid = out / "shapes_geneval_grid.png"
@@ -284,13 +285,13 @@ def _geneval(backbone, config: BenchConfig, role, progress_bar: ProgressBar, out
     images = out / "geneval" / "images"
     # Drawing resumes image by image, so the folder must hold this model's images only.
     drawn_with = out / "geneval" / "drawn_with.json"
-    settings = {**_common_settings(config), "images": config.images_per_prompt, "guidance": config.guidance, "metadata": str(source.resolve())}
+    settings = {**_common_settings(config), "images": config.images_per_prompt, "guidance": config.guidance, "temperature": config.image_temperature, "metadata": str(source.resolve())}
     if config.fresh:
         shutil.rmtree(images, ignore_errors=True)
     elif images.exists() and (not drawn_with.is_file() or json.loads(drawn_with.read_text(encoding="utf-8")) != settings):
         raise ValueError(f"{images} holds images drawn with other settings (see {drawn_with}); pass another --out, or --fresh to redraw")
     write_json_atomic(drawn_with, settings)
-    rules.write_layout(backbone, metadata, images, config.images_per_prompt, config.guidance, seed=config.seed, progress=progress_bar("GenEval images", len(metadata)), role=role)  # fmt: skip
+    rules.write_layout(backbone, metadata, images, config.images_per_prompt, config.guidance, config.image_temperature, seed=config.seed, progress=progress_bar("GenEval images", len(metadata)), role=role)  # fmt: skip
     entry: dict = {"metadata": str(source), "prompts": len(metadata)}
     if config.geneval_mode == "images":
         log(f"GenEval images written to {images}; score them with `asgkit bench geneval-score {images}` or GenEval's evaluator")

@@ -24,8 +24,11 @@ Generation step:
      caption, diversity, contradiction) into R_G.
   4. Generator update by the backbone's paradigm: for "ar_tokens", clipped GRPO over the
      image tokens (advantages z-scored over the candidates; skipped when they tie); for
-     "diffusion", reward-weighted regression: (1 + 0.5 clip01(best R_G)) times the
-     flow-matching loss on the SOURCE image given the spec prompt.
+     "rectified_flow", advantage-weighted flow matching on each candidate's latent plus
+     beta times the MSE between policy and reference velocities (the same advantages; or,
+     as an option, Flow-GRPO over SDE rollouts); for "diffusion", reward-weighted
+     regression: (1 + 0.5 clip01(best R_G)) times the flow-matching loss on the SOURCE
+     image given the spec prompt.
 
 After each step the KL coefficient adapts. A NaN or inf anywhere in an update skips it
 with a logged reason before it reaches the weights. Checkpoints (role adapters as
@@ -72,12 +75,17 @@ from asg_kit.rewards.scorers import GenerationScorer, QAFidelityScorer, ask_scre
 from asg_kit.train.losses import (
     AdaptiveKL,
     EMABaseline,
+    advantage_weighted_flow_loss,
     clipped_surrogate,
+    flow_matching_error,
     full_kl,
+    gaussian_mean_kl,
     group_advantages,
     masked_mean,
     max_normalized_advantages,
     reward_weighted_regression,
+    sde_transitions,
+    velocity_drift,
 )
 
 
@@ -87,7 +95,7 @@ class TrainConfig:
     model: str | None = None
     upstream: str | None = None  # upstream checkout, for the backbones that run one
     device: str | None = None  # None: the GPU when there is one (the rank's LOCAL_RANK under torchrun), else CPU
-    dtype: str | None = None  # None: the backbone's own (float32)
+    dtype: str | None = None  # None: the backbone's own (float32; BAGEL bfloat16)
     images: str = ""
     out: str = "runs/asg"
     steps: int = 10_000
@@ -120,6 +128,8 @@ class TrainConfig:
     spec_quality_min: float = 0.35
     use_cycle: bool = True  # False: R_G without the cycle-consistency term (ablation)
     clip_ratio: float = 0.2
+    flow_update: str = "flow_matching"  # "rectified_flow" Generator: or "flow_grpo" (SDE rollouts)
+    flow_noise_level: float = 0.7  # Flow-GRPO's SDE eta
     rwr_weight: float = 0.5  # "diffusion": w in (1 + w * clip01(best R_G))
     # KL to the reference
     beta: float = 0.01
@@ -287,11 +297,13 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                 device: str | None = None, tracker: Tracker | None = None) -> Path:
     # ---- setup: backbone, pool, optimizers, trackers ---------------------------------------
     out = Path(config.out)
+    if config.flow_update not in ("flow_matching", "flow_grpo"):
+        raise ValueError(f"flow_update {config.flow_update!r}: use 'flow_matching' or 'flow_grpo'")
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
     placed = {key: value for key, value in {"device": device, "dtype": config.dtype, "upstream": config.upstream}.items() if value}
     backbone = load_backbone(config.backbone, model=config.model, **placed)
-    if backbone.generation_paradigm not in ("ar_tokens", "diffusion") and config.generation_per_cycle:
-        raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone; only 'ar_tokens' is built")
+    if backbone.generation_paradigm not in ("ar_tokens", "rectified_flow", "diffusion") and config.generation_per_cycle:
+        raise NotImplementedError(f"the {backbone.generation_paradigm!r} generator update arrives with its backbone")
     pool = list_pool(config.images)
     optimizers = {
         role: torch.optim.AdamW(backbone.trainable_parameters(role), lr=config.lr, weight_decay=config.weight_decay)
@@ -471,8 +483,10 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
             loss = None
             if reason is None:
                 # 3. Draw L candidates and score them.
+                flow_grpo = backbone.generation_paradigm == "rectified_flow" and config.flow_update == "flow_grpo"
+                sde = {"noise_level": config.flow_noise_level} if flow_grpo else {}
                 with backbone.role("generator"):
-                    drawn = backbone.generate_images([spec.prompt], n=config.generator_candidates, guidance_scale=config.guidance_scale, seed=seed)
+                    drawn = backbone.generate_images([spec.prompt], n=config.generator_candidates, guidance_scale=config.guidance_scale, seed=seed, **sde)
                 scores = generation_scorer.score(spec, drawn.images[0])
                 shown.update(candidates=drawn.images[0], prompt=spec.prompt)
                 rewards = [s.reward for s in scores]
@@ -489,6 +503,39 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                     row.update(generator_loss=loss.item(), flow_mse=flow_mse.mean().item())
                 elif advantages is None:
                     reason = "candidates tie (no preference)" if all(math.isfinite(r) for r in rewards) else "non-finite reward"
+                elif flow_grpo:
+                    # 4. Flow-GRPO: each SDE step a Gaussian whose mean the velocity sets; clipped
+                    # ratio to the rollout policy (recomputed on the training path, where the
+                    # update runs) and beta * KL to the reference's Gaussian.
+                    rollout = drawn.rollout
+                    training_mode(True)
+                    with backbone.role("generator"):
+                        logprob, mean, std = sde_transitions(rollout.latents, rollout.timesteps, backbone.guided_velocities(rollout), rollout.noise_level)
+                    training_mode(False)
+                    with torch.no_grad(), backbone.role("generator"):
+                        old_logprob = sde_transitions(rollout.latents, rollout.timesteps, backbone.guided_velocities(rollout), rollout.noise_level)[0]
+                    with torch.no_grad(), backbone.role(None):
+                        reference_mean = sde_transitions(rollout.latents, rollout.timesteps, backbone.guided_velocities(rollout), rollout.noise_level)[1]
+                    kl = gaussian_mean_kl(mean, reference_mean, std)
+                    surrogate = clipped_surrogate(torch.tensor(advantages, device=logprob.device)[:, None], logprob, old_logprob, config.clip_ratio)
+                    kl_measured = kl.mean().item()
+                    loss = surrogate.mean() + kl_control.beta * kl.mean()
+                    row.update(generator_loss=loss.item(), kl=kl_measured)
+                elif backbone.generation_paradigm == "rectified_flow":
+                    # 4. Advantage-weighted flow matching on each candidate's latent (fresh noise,
+                    # seeded after the rollout's) plus beta * MSE to the reference velocity.
+                    noised = backbone.noised_latents(drawn.rollout, seed=seed + len(rewards))
+                    training_mode(True)
+                    with backbone.role("generator"):
+                        velocity = backbone.velocities(drawn.rollout, noised.noisy, noised.timesteps)
+                    training_mode(False)
+                    with torch.no_grad(), backbone.role(None):
+                        reference = backbone.velocities(drawn.rollout, noised.noisy, noised.timesteps)
+                    error = flow_matching_error(velocity, noised.target.to(velocity.device))
+                    drift = velocity_drift(velocity, reference)
+                    kl_measured = drift.mean().item()
+                    loss = advantage_weighted_flow_loss(torch.tensor(advantages), error, drift, kl_control.beta)
+                    row.update(generator_loss=loss.item(), kl=kl_measured, flow_matching=error.tolist())
                 else:
                     # 4. Clipped GRPO over the image tokens, ratio against the reference.
                     training_mode(True)

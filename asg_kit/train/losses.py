@@ -90,3 +90,70 @@ class AdaptiveKL:
         if math.isfinite(kl):
             self.beta = min(self.high, max(self.low, self.beta * math.exp(self.rate * (kl - self.target) / self.target)))
         return self.beta
+
+
+def flow_matching_error(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample flow-matching error ``mean_{tokens, channels} (v_theta - (eps - x_0))^2``
+    of (samples, ...) velocities against their targets: (samples,)."""
+    return ((velocity.float() - target.float()) ** 2).flatten(1).mean(-1)
+
+
+def velocity_drift(velocity: torch.Tensor, reference_velocity: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``mean (v_theta - v_ref)^2`` against the reference (adapters off, no
+    gradient): the rectified-flow update's stand-in for the KL to the reference, (samples,)."""
+    return ((velocity.float() - reference_velocity.detach().float()) ** 2).flatten(1).mean(-1)
+
+
+def advantage_weighted_flow_loss(advantage: torch.Tensor, error: torch.Tensor, drift: torch.Tensor, beta: float) -> torch.Tensor:
+    """The published BAGEL Generator update over L candidates:
+    ``(1/L) sum_k [A_k * FM_k + beta * D_k]`` with ``FM_k`` the flow-matching error of
+    candidate k, ``D_k`` its velocity drift from the reference and ``A_k`` its z-scored
+    advantage. A positive advantage pulls the flow toward the candidate, a negative one
+    pushes it away; the drift term keeps both near the base model."""
+    advantage = advantage.to(error.device, error.dtype)
+    return (advantage * error + beta * drift).mean()
+
+
+def sde_step(x: torch.Tensor, t: float | torch.Tensor, dt: float | torch.Tensor, velocity: torch.Tensor, noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's SDE step for a rectified flow whose time runs from 1 (noise) to 0 (data)
+    with ``x <- x - v dt`` (``v = eps - x_0``, BAGEL's convention): the predicted clean
+    latent ``x0 = x - t v``, the score ``s = -(x - (1 - t) x0) / t^2``, and the transition
+    ``N(mean, std^2)`` with ``mean = x - (v - eta^2 s / 2) dt``, ``std = eta sqrt(dt)``.
+    ``eta = 0`` is the Euler ODE step. Returns (mean, std)."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    dt = torch.as_tensor(dt, dtype=torch.float32)
+    x, velocity = x.float(), velocity.float()
+    predicted_clean = x - t * velocity
+    score = -(x - (1 - t) * predicted_clean) / t**2
+    mean = x - (velocity - 0.5 * noise_level**2 * score) * dt
+    return mean, noise_level * dt.sqrt()
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """Per-sample log N(x; mean, std^2) averaged over its elements (Flow-GRPO's convention,
+    so that one clip range fits any latent size): (samples,) for (samples, ...) inputs."""
+    std = torch.as_tensor(std, dtype=torch.float32)
+    density = -((x.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return density.flatten(1).mean(-1)
+
+
+def sde_transitions(latents: torch.Tensor, timesteps: torch.Tensor, velocities: torch.Tensor, noise_level: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A recorded SDE trajectory under given velocities: ``latents`` (rows, steps + 1, ...)
+    at ``timesteps`` (steps + 1,), ``velocities`` (rows, steps, ...). Returns the per-step
+    log-probs of the recorded transitions (rows, steps), the Gaussian means (rows, steps,
+    ...) and standard deviations (steps,), as :func:`sde_step` defines them."""
+    velocities = velocities.to(latents.device)
+    means, stds, logprobs = [], [], []
+    for i in range(latents.shape[1] - 1):
+        mean, std = sde_step(latents[:, i], timesteps[i], timesteps[i] - timesteps[i + 1], velocities[:, i], noise_level)
+        means.append(mean)
+        stds.append(std)
+        logprobs.append(gaussian_logprob(latents[:, i + 1], mean, std))
+    return torch.stack(logprobs, 1), torch.stack(means, 1), torch.stack(stds)
+
+
+def gaussian_mean_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL between two Gaussians of one std per step, element-averaged as the log-probs:
+    ``mean (mu - mu_ref)^2 / (2 std^2)``, (rows, steps) for (rows, steps, ...) means."""
+    gap = ((mean.float() - reference_mean.detach().float()) ** 2).flatten(2).mean(-1)
+    return gap / (2 * std.float() ** 2)
