@@ -98,7 +98,8 @@ def test_wandb_offline_writes_a_local_run(pool, tmp_path):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'asg-kit[wandb]')")
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")  # no API key: offline, no network
+    (tmp_path / "home").mkdir()
+    env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true", HOME=str(tmp_path / "home"))  # no API key, no `wandb login`: offline, no network
     settings = tmp_path / "config.json"
     settings.write_text(json.dumps(tiny(pool, run, steps=4, report_to="wandb", log_images_every=1).__dict__))
     script = f"import json; from asg_kit.train.loop import TrainConfig, train; train(TrainConfig(**json.load(open({str(settings)!r}))))"

@@ -141,8 +141,8 @@ class TensorBoardTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    """A wandb run in ``RUN/wandb``, offline unless an API key is configured
-    (``WANDB_MODE`` set by the user wins); its id is kept in ``RUN/wandb/run_id`` so a
+    """A wandb run in ``RUN/wandb``, offline unless an API key is configured (in the
+    environment or by ``wandb login``; ``WANDB_MODE`` set by the user wins); its id is kept in ``RUN/wandb/run_id`` so a
     resumed run continues it."""
 
     def __init__(self, out: Path, config: dict, start: int, images_every: int, history: Iterable[dict]) -> None:
@@ -151,7 +151,7 @@ class WandbTracker(Tracker):
             import wandb
         except ImportError as error:
             raise ImportError(f"--report-to wandb needs the wandb package ({error}); {INSTALL['wandb']}") from None
-        if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
             os.environ["WANDB_MODE"] = "offline"  # never reach the network unasked
         folder = out / "wandb"
         folder.mkdir(parents=True, exist_ok=True)
@@ -170,6 +170,18 @@ class WandbTracker(Tracker):
 
     def close(self) -> None:
         self.run.finish()
+
+
+def _wandb_logged_in() -> bool:
+    """An API key in the environment or from ``wandb login`` (kept in ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def check_report_to(report_to: str) -> None:
