@@ -111,3 +111,19 @@ def test_wandb_offline_writes_a_local_run(pool, tmp_path):
     run_id = (run / "wandb" / "run_id").read_text().strip()
     assert offline[0].name.endswith(run_id)
     assert math.isfinite(rows(run)[0]["beta"])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--report-to", "mlflow"], "--report-to 'mlflow': use one of none, tensorboard, wandb"),
+    (["--log-images-every", "-1"], "--log-images-every -1"),
+    (["--dtype", "float8"], "--dtype 'float8'"),
+])  # fmt: skip
+def test_tracker_and_dtype_mistakes_are_one_line_before_any_work(args, says, pool, tmp_path):
+    from typer.testing import CliRunner
+
+    from asg_kit.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--images", str(pool), "--out", str(tmp_path / "run"), *args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and says in lines[0], result.output
+    assert not (tmp_path / "run").exists()
