@@ -369,10 +369,13 @@ def check(
             raise typer.Exit(2)
         with console.status("checking") as status:
             report = check_backbone(subject, seed=seed, progress=lambda group: status.update(f"checking: {group}"))
-    table = Table(title=f"Conformance of {report.backbone} ({report.paradigm}, {report.dtype}, {report.device}, {report.seconds:.1f} s)")
-    for column in ("check", "result", "gap", "tolerance"):
+    # Fits 80 columns: the detail wraps in what the check names and numbers leave.
+    table = Table(title=f"Conformance of {report.backbone} ({report.paradigm}, {report.dtype}, {report.device}, {report.seconds:.1f} s)",
+                  title_justify="left", box=box.SIMPLE_HEAD, padding=0, show_edge=False)  # fmt: skip
+    table.add_column("check", overflow="fold", width=CHECK_NAME_WIDTH)
+    for column in ("result", "gap", "tolerance"):
         table.add_column(column, no_wrap=True)
-    table.add_column("detail", overflow="fold")
+    table.add_column("detail", overflow="fold", min_width=24, ratio=1)
     for c in report.checks:
         table.add_row(escape(c.name), "pass" if c.passed else "[red]FAIL[/red]", _maybe_number(c.gap), _maybe_number(c.tolerance), escape(c.detail))
     console.print(table)
@@ -383,6 +386,9 @@ def check(
     failed = report.failed
     console.print("all checks passed" if not failed else f"[red]{len(failed)} of {len(report.checks)} checks failed:[/red] {', '.join(c.name for c in failed)}")
     raise typer.Exit(0 if not failed else 1)
+
+
+CHECK_NAME_WIDTH = 29  # the longest names fold onto a second line
 
 
 def _maybe_number(value) -> str:

@@ -147,3 +147,18 @@ def test_ctrl_c_during_bench_says_how_to_resume(tmp_path):
     result = _interrupt_when(command, lambda: (out / "results.json").is_file(), tmp_path)  # shapes_vqa done, shapes_geneval running
     line = _one_resume_line(result)
     assert str(out / "results.json") in line and "run the same command again to resume" in line
+
+
+@pytest.mark.janus
+def test_check_table_is_readable_at_80_columns(tmp_path):
+    result = CliRunner().invoke(app, ["check", "--json", str(tmp_path / "report.json")], env=NARROW, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80 and "…" not in result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    from asg_kit.cli import CHECK_NAME_WIDTH
+
+    words, starts = result.output.split(), [line.split()[0] for line in result.output.splitlines() if line.strip()]
+    for check in report["checks"]:
+        name = check["name"]  # whole, or folded at the column's width onto the next lines
+        assert all(name[i : i + CHECK_NAME_WIDTH] in starts for i in range(0, len(name), CHECK_NAME_WIDTH)), name
+        assert all(word in words for word in check["detail"].split()), name
