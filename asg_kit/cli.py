@@ -565,9 +565,9 @@ def _print_bench(results: dict) -> None:
     from asg_kit.bench.run import beside_published
 
     reference = REFERENCES.get(results.get("reference") or "")
-    table = Table(title="measured beside published" + (f": {reference.label}" if reference else " (no published row for this model)"))
-    for column in ("metric", "measured", "published base", "published ASG", "measured - base"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+    table = Table(title="measured beside published" + (f": {reference.label}" if reference else " (no published row for this model)"), box=box.SIMPLE_HEAD, show_edge=False)
+    for column in ("metric", "measured", "published\nbase", "published\nASG", "measured\n- base"):
+        table.add_column(column, justify="left" if column == "metric" else "right", overflow="fold")
     for row in beside_published(results):
         shown, base = round(row["measured"], 1), row["published_base"]
         table.add_row(row["metric"], f"{shown:.1f}", _maybe(base), _maybe(row["published_asg"]), f"{shown - base:+.1f}" if base is not None else "-")
@@ -654,9 +654,9 @@ def bench_compare(
         errors.print(f"[bold yellow]WARNING: not like with like, the changes below mix in setting changes:[/bold yellow] {escape('; '.join(differences))}", highlight=False)
     if unknowns:
         errors.print(f"[yellow]warning: cannot check that these tasks were measured alike:[/yellow] {escape(', '.join(unknowns))}", highlight=False)
-    table = Table(title=f"{before} -> {after}")
-    for column in ("metric", "before", "after", "change", "published base", "published ASG", "published change"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+    table = Table(title=f"{before} -> {after}", box=box.SIMPLE_HEAD, show_edge=False)  # fits 80 columns
+    for column in ("metric", "before", "after", "change", "published\nbase", "published\nASG", "published\nchange"):
+        table.add_column(column, justify="left" if column == "metric" else "right", overflow="fold")
     for row in compare(*loaded):
         change, published_change = row["change"], row["published_change"]
         table.add_row(row["metric"], _maybe(row["before"]), _maybe(row["after"]), f"{change:+.1f}" if change is not None else "-",
