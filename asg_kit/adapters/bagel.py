@@ -46,7 +46,8 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.janus import _draw
+from asg_kit.adapters.decoding import draw_token
+from asg_kit.adapters.roles import LoraRoles
 from asg_kit.adapters.upstream import bagel_autocast, import_bagel
 from asg_kit.rewards.entropy import token_entropy
 from asg_kit.train.losses import sde_step
@@ -279,7 +280,7 @@ def build_network(bagel, folder: Path, settings: BagelSettings, meta: bool = Fal
     return network
 
 
-class BagelAdapter:
+class BagelAdapter(LoraRoles):
     """BAGEL with one LoRA adapter per role: text roles on the understanding expert, the
     Generator on the generation expert."""
 
@@ -363,18 +364,9 @@ class BagelAdapter:
         return cls(network, vae, tokenizer, token_ids, settings, bagel, **options)
 
     def _add_roles(self, lora: LoraSettings, roles: tuple[str, ...]) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-        config = {role: LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=self.lora_targets(role, lora), bias="none") for role in roles}
-        self.roles = roles
-        self.peft = get_peft_model(self.model, config[roles[0]], adapter_name=roles[0])
-        for role in roles[1:]:
-            self.peft.add_adapter(role, config[role])
-        self._lora_parameters = [p for name, p in self.peft.named_parameters() if "lora_" in name]
-        self._active = roles[0]
-        self._activate(None)
+        self.install_roles(self.model, {role: LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=self.lora_targets(role, lora), bias="none") for role in roles})
 
     @staticmethod
     def lora_targets(role: str, lora: LoraSettings = LoraSettings()) -> str:
@@ -392,59 +384,6 @@ class BagelAdapter:
         return rf"language_model\.model\.layers\.\d+\.({'|'.join(chosen)})"
 
     # Roles -----------------------------------------------------------------------------
-
-    def _activate(self, role: str | None) -> None:
-        if self.peft is None:
-            if role is not None:
-                raise ValueError(f"this backbone was built without LoRA roles; it has no role {role!r}")
-            return
-        tuner = self.peft.base_model
-        if role is None:
-            tuner.disable_adapter_layers()
-        else:
-            if role not in self.roles:
-                raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
-            tuner.enable_adapter_layers()
-            self.peft.set_adapter(role)
-        for parameter in self._lora_parameters:  # peft flips requires_grad on every switch
-            parameter.requires_grad_(True)
-        self._active = role
-
-    @contextmanager
-    def role(self, name: str | None) -> Iterator[None]:
-        previous = self._active
-        self._activate(name)
-        try:
-            yield
-        finally:
-            self._activate(previous)
-
-    @property
-    def active_role(self) -> str | None:
-        return self._active
-
-    def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
-        if role not in self.roles:
-            raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
-        marker = f".{role}."
-        return [p for name, p in self.peft.named_parameters() if "lora_" in name and marker in name]
-
-    def save_roles(self, path: str | Path) -> None:
-        if self.peft is None:
-            raise ValueError("this backbone was built without LoRA roles: nothing to save")
-        self.peft.save_pretrained(str(path), selected_adapters=list(self.roles), safe_serialization=True)
-
-    def load_roles(self, path: str | Path) -> None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        if self.peft is None:
-            raise ValueError("this backbone was built without LoRA roles: nothing to load into")
-        for role in self.roles:
-            folder = Path(path) / role
-            if not (folder / "adapter_model.safetensors").is_file():
-                raise FileNotFoundError(f"no saved adapter for role {role!r}: expected {folder}/adapter_model.safetensors")
-            set_peft_model_state_dict(self.peft, load_peft_weights(str(folder), device=str(self.device)), adapter_name=role)
 
     # Shared pieces ---------------------------------------------------------------------
 
@@ -597,7 +536,7 @@ class BagelAdapter:
                 if finished[row]:
                     drawn.append(self.eos_id)
                     continue
-                token, logprob = _draw(logits[row], request.temperature, request.top_p, generators[row])
+                token, logprob = draw_token(logits[row], request.temperature, request.top_p, generators[row])
                 tokens[row].append(token)
                 logprobs[row].append(logprob)
                 entropies[row].append(float(step_entropy[row]))
