@@ -46,7 +46,7 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.decoding import draw_token
+from asg_kit.adapters.decoding import RowSampler, sample_in_batches
 from asg_kit.adapters.roles import LoraRoles
 from asg_kit.adapters.upstream import bagel_autocast, import_bagel
 from asg_kit.rewards.entropy import token_entropy
@@ -465,23 +465,12 @@ class BagelAdapter(LoraRoles):
 
     @torch.no_grad()
     def sample_answers(self, requests: Sequence[AnswerRequest], max_new_tokens: int = 96, seed: int = 0) -> list[TextSample]:
-        groups: dict[int, list[int]] = {}
-        for index, request in enumerate(requests):
-            groups.setdefault(id(request.image), []).append(index)
-        # Requests sharing an image decode together from one prefill of it; requests alone
-        # with their image decode as one batch, and so do requests without an image.
-        shared = [indices for key, indices in groups.items() if len(indices) > 1 and requests[indices[0]].image is not None]
-        alone = [indices[0] for key, indices in groups.items() if len(indices) == 1 and requests[indices[0]].image is not None]
-        textual = [i for key, indices in groups.items() if requests[indices[0]].image is None for i in indices]
-        results: list[TextSample | None] = [None] * len(requests)
-        for indices in [*shared, *([alone] if alone else []), *([textual] if textual else [])]:
-            group = [requests[i] for i in indices]
-            seeds = [r.seed if r.seed is not None else seed + i for r, i in zip(group, indices)]
+        def sample_batch(batch, seeds):
             with self._autocast():
-                samples = self._sample_group(group, seeds, max_new_tokens)
-            for index, sample in zip(indices, samples):
-                results[index] = sample
-        return results  # type: ignore[return-value]
+                return self._sample_group(batch, seeds, max_new_tokens)
+
+        # Requests without an image decode apart: a batch mixes only rows of the same kind.
+        return sample_in_batches(requests, seed, sample_batch, text_apart=True)
 
     def _sample_group(self, group: Sequence[AnswerRequest], seeds: Sequence[int], max_new_tokens: int) -> list[TextSample]:
         rows = len(group)
@@ -505,11 +494,7 @@ class BagelAdapter(LoraRoles):
         kv_lens = torch.tensor(context["kv_lens"], dtype=torch.int, device=device)
         positions = torch.tensor(context["ropes"], dtype=torch.long, device=device)
         current = torch.full((rows,), self.bos_id, dtype=torch.long, device=device)
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        tokens: list[list[int]] = [[] for _ in group]
-        logprobs: list[list[float]] = [[] for _ in group]
-        entropies: list[list[float]] = [[] for _ in group]
-        finished = [False] * rows
+        sampler = RowSampler(group, seeds, {self.eos_id}, self.eos_id, device)
         offsets = torch.arange(rows, dtype=kv_lens.dtype, device=device)
         for _ in range(max_new_tokens):
             # After the previous step row r's cache has kv_lens[r] entries; the new token of
@@ -530,27 +515,13 @@ class BagelAdapter(LoraRoles):
             )
             cache = output.past_key_values
             logits = language_model.lm_head(output.packed_query_sequence).float()
-            step_entropy = token_entropy(logits)
-            drawn = []
-            for row, request in enumerate(group):
-                if finished[row]:
-                    drawn.append(self.eos_id)
-                    continue
-                token, logprob = draw_token(logits[row], request.temperature, request.top_p, generators[row])
-                tokens[row].append(token)
-                logprobs[row].append(logprob)
-                entropies[row].append(float(step_entropy[row]))
-                finished[row] = token == self.eos_id
-                drawn.append(token)
-            if all(finished):
+            drawn = sampler.step(logits)
+            if sampler.done:
                 break
             current = torch.tensor(drawn, dtype=torch.long, device=device)
             kv_lens = kv_lens + 1
             positions = positions + 1
-        return [
-            TextSample(text=self.decode(ids), token_ids=ids, logprobs=torch.tensor(lp), entropies=torch.tensor(ent), finished=done)
-            for ids, lp, ent, done in zip(tokens, logprobs, entropies, finished)
-        ]
+        return sampler.samples(self.decode)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         kept = [t for t in token_ids if t not in (self.eos_id, self.bos_id)]

@@ -26,7 +26,7 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.decoding import common_prefix, draw_token, left_pad
+from asg_kit.adapters.decoding import RowSampler, common_prefix, draw_token, left_pad, sample_in_batches
 from asg_kit.adapters.roles import LoraRoles
 from asg_kit.rewards.entropy import token_entropy
 
@@ -259,20 +259,7 @@ class JanusAdapter(LoraRoles):
 
     @torch.no_grad()
     def sample_answers(self, requests: Sequence[AnswerRequest], max_new_tokens: int = 96, seed: int = 0) -> list[TextSample]:
-        groups: dict[int, list[int]] = {}
-        for index, request in enumerate(requests):
-            groups.setdefault(id(request.image), []).append(index)
-        # Requests sharing an image decode together from one prefill of their common prefix,
-        # image included; requests alone with their image (benchmarks) decode as one batch.
-        singles = [indices[0] for indices in groups.values() if len(indices) == 1]
-        batches = [indices for indices in groups.values() if len(indices) > 1] + ([singles] if singles else [])
-        results: list[TextSample | None] = [None] * len(requests)
-        for indices in batches:
-            group = [requests[i] for i in indices]
-            seeds = [r.seed if r.seed is not None else seed + i for r, i in zip(group, indices)]
-            for index, sample in zip(indices, self._sample_group(group, seeds, max_new_tokens)):
-                results[index] = sample
-        return results  # type: ignore[return-value]
+        return sample_in_batches(requests, seed, lambda batch, seeds: self._sample_group(batch, seeds, max_new_tokens))
 
     def _sample_group(self, group: Sequence[AnswerRequest], seeds: Sequence[int], max_new_tokens: int) -> list[TextSample]:
         features = self._image_features([r.image for r in group])
@@ -296,42 +283,18 @@ class JanusAdapter(LoraRoles):
         hidden = self._hidden(suffix, mask, positions[:, shared:], cache)[:, -1]
         next_position = positions[:, -1:] + 1
 
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        tokens: list[list[int]] = [[] for _ in group]
-        logprobs: list[list[float]] = [[] for _ in group]
-        entropies: list[list[float]] = [[] for _ in group]
-        finished = [False] * count
+        sampler = RowSampler(group, seeds, {self.eos_id}, self.pad_id, self.device)
         for step in range(max_new_tokens):
             logits = self.model.lm_head(hidden).float()
-            step_entropy = token_entropy(logits)
-            drawn = []
-            for row, request in enumerate(group):
-                if finished[row]:
-                    drawn.append(self.pad_id)
-                    continue
-                token, logprob = draw_token(logits[row], request.temperature, request.top_p, generators[row])
-                tokens[row].append(token)
-                logprobs[row].append(logprob)
-                entropies[row].append(float(step_entropy[row]))
-                finished[row] = token == self.eos_id
-                drawn.append(token)
-            if all(finished) or step == max_new_tokens - 1:
+            drawn = sampler.step(logits)
+            if sampler.done or step == max_new_tokens - 1:
                 break
             step_embeds = self.model.get_input_embeddings()(torch.tensor(drawn, device=self.device))[:, None]
             mask = torch.cat([mask, torch.ones(count, 1, dtype=torch.long, device=self.device)], dim=1)
             hidden = self._hidden(step_embeds, mask, next_position, cache)[:, -1]
             next_position = next_position + 1
 
-        return [
-            TextSample(
-                text=self.decode(ids),
-                token_ids=ids,
-                logprobs=torch.tensor(lp),
-                entropies=torch.tensor(ent),
-                finished=done,
-            )
-            for ids, lp, ent, done in zip(tokens, logprobs, entropies, finished)
-        ]
+        return sampler.samples(self.decode)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         # Special tokens stay (answer tags may be special); only end and padding go.
