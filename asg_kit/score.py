@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import asg_kit
+from asg_kit.checks import UserError, check_backbone_name, check_device, check_dtype, check_model
 from asg_kit import specs as spec_sources
 from asg_kit.adapters.base import UnifiedBackbone
 from asg_kit.folders import MAPPING_FILES, Discovery, ImageEntry, discover
@@ -41,11 +42,10 @@ from asg_kit.rewards.generation import diversity_contributions, generation_rewar
 from asg_kit.rewards.scorers import DifficultyScorer, GenerationScorer
 from asg_kit.rewards.spec import GenerationSpec
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 MAX_SEED = 2**32 - 1
 
 
-class ScoreSetupError(ValueError):
+class ScoreSetupError(UserError):
     """A problem with the options, the output or the judge, seen before any work."""
 
 
@@ -113,46 +113,17 @@ def load_user_questions(path: Path) -> dict[str, GenerationSpec]:
 
 
 def check_judge(judge: Judge, device: str | None = None) -> None:
-    """Backbone name, model folder, device and dtype, checked before a model loads."""
-    from asg_kit.adapters.registry import BackboneUnavailable, adapter_class, checkpoint_file
+    """Backbone name (and that it imports), model folder, device and dtype, checked before a model loads."""
+    from asg_kit.adapters.registry import BackboneUnavailable, adapter_class
 
     try:
+        check_backbone_name(judge.backbone)
         adapter_class(judge.backbone)
-    except (ValueError, BackboneUnavailable) as error:
+        check_model(judge.backbone, judge.model)
+        check_dtype(judge.dtype)
+        check_device(device)
+    except (UserError, BackboneUnavailable) as error:
         raise ScoreSetupError(str(error)) from None
-    marker = checkpoint_file(judge.backbone)
-    if judge.model is not None:
-        path = Path(judge.model).expanduser()
-        if path.exists():
-            if not path.is_dir():
-                raise ScoreSetupError(f"--model {judge.model} is a file; pass the model's folder (config.json, *.safetensors)")
-            if not (path / marker).is_file():
-                raise ScoreSetupError(f"--model {judge.model} has no {marker}; pass the model's folder")
-        elif _looks_local(judge.model):
-            raise ScoreSetupError(f"--model {judge.model} does not exist (a local folder, or a hub id like org/name)")
-    if judge.dtype is not None and judge.dtype not in DTYPES:
-        raise ScoreSetupError(f"--dtype {judge.dtype!r} is not one of {', '.join(DTYPES)}")
-    if device is not None:
-        import torch
-
-        try:
-            parsed = torch.device(device)
-        except (RuntimeError, ValueError):
-            raise ScoreSetupError(f"--device {device!r} is not a device; e.g. cpu, cuda, cuda:1, mps") from None
-        if parsed.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ScoreSetupError(f"--device {device}: no CUDA GPU is visible here")
-            if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-                raise ScoreSetupError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) here")
-        elif parsed.type == "mps" and not torch.backends.mps.is_available():
-            raise ScoreSetupError(f"--device {device}: MPS is not available here")
-        elif parsed.type not in ("cpu", "cuda", "mps"):
-            raise ScoreSetupError(f"--device {device}: use cpu, cuda[:N] or mps")
-
-
-def _looks_local(model: str) -> bool:
-    # Hub ids are "org/name"; anything else with a separator or a leading dot is a path.
-    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") != 1 or model.endswith("/")
 
 
 def check_options(options: ScoreOptions) -> dict[str, GenerationSpec]:

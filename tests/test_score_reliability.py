@@ -267,10 +267,10 @@ def test_bad_options_are_one_line_before_any_work(tmp_path):
     a_file.write_text("x")
     cases = [
         (["--backbone", "nope"], "unknown backbone"),
-        (["--model", str(tmp_path / "missing")], "does not exist"),
+        (["--model", str(tmp_path / "missing")], "missing: no such folder"),
         (["--model", str(a_file)], "is a file"),
         (["--device", "cuda:99"], "--device cuda:99"),
-        (["--device", "toaster"], "not a device"),
+        (["--device", "toaster"], "is not a torch device"),
         (["--dtype", "float8"], "--dtype"),
         (["--seed", "-1"], "--seed"),
         (["--questions", str(bad_questions)], f"{bad_questions}:2"),

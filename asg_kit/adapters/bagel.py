@@ -46,7 +46,8 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.janus import _draw
+from asg_kit.adapters.decoding import RowSampler, sample_in_batches
+from asg_kit.adapters.roles import LoraRoles
 from asg_kit.adapters.upstream import bagel_autocast, import_bagel
 from asg_kit.rewards.entropy import token_entropy
 from asg_kit.train.losses import sde_step
@@ -279,7 +280,7 @@ def build_network(bagel, folder: Path, settings: BagelSettings, meta: bool = Fal
     return network
 
 
-class BagelAdapter:
+class BagelAdapter(LoraRoles):
     """BAGEL with one LoRA adapter per role: text roles on the understanding expert, the
     Generator on the generation expert."""
 
@@ -363,18 +364,9 @@ class BagelAdapter:
         return cls(network, vae, tokenizer, token_ids, settings, bagel, **options)
 
     def _add_roles(self, lora: LoraSettings, roles: tuple[str, ...]) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-        config = {role: LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=self.lora_targets(role, lora), bias="none") for role in roles}
-        self.roles = roles
-        self.peft = get_peft_model(self.model, config[roles[0]], adapter_name=roles[0])
-        for role in roles[1:]:
-            self.peft.add_adapter(role, config[role])
-        self._lora_parameters = [p for name, p in self.peft.named_parameters() if "lora_" in name]
-        self._active = roles[0]
-        self._activate(None)
+        self.install_roles(self.model, {role: LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=self.lora_targets(role, lora), bias="none") for role in roles})
 
     @staticmethod
     def lora_targets(role: str, lora: LoraSettings = LoraSettings()) -> str:
@@ -392,59 +384,6 @@ class BagelAdapter:
         return rf"language_model\.model\.layers\.\d+\.({'|'.join(chosen)})"
 
     # Roles -----------------------------------------------------------------------------
-
-    def _activate(self, role: str | None) -> None:
-        if self.peft is None:
-            if role is not None:
-                raise ValueError(f"this backbone was built without LoRA roles; it has no role {role!r}")
-            return
-        tuner = self.peft.base_model
-        if role is None:
-            tuner.disable_adapter_layers()
-        else:
-            if role not in self.roles:
-                raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
-            tuner.enable_adapter_layers()
-            self.peft.set_adapter(role)
-        for parameter in self._lora_parameters:  # peft flips requires_grad on every switch
-            parameter.requires_grad_(True)
-        self._active = role
-
-    @contextmanager
-    def role(self, name: str | None) -> Iterator[None]:
-        previous = self._active
-        self._activate(name)
-        try:
-            yield
-        finally:
-            self._activate(previous)
-
-    @property
-    def active_role(self) -> str | None:
-        return self._active
-
-    def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
-        if role not in self.roles:
-            raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
-        marker = f".{role}."
-        return [p for name, p in self.peft.named_parameters() if "lora_" in name and marker in name]
-
-    def save_roles(self, path: str | Path) -> None:
-        if self.peft is None:
-            raise ValueError("this backbone was built without LoRA roles: nothing to save")
-        self.peft.save_pretrained(str(path), selected_adapters=list(self.roles), safe_serialization=True)
-
-    def load_roles(self, path: str | Path) -> None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        if self.peft is None:
-            raise ValueError("this backbone was built without LoRA roles: nothing to load into")
-        for role in self.roles:
-            folder = Path(path) / role
-            if not (folder / "adapter_model.safetensors").is_file():
-                raise FileNotFoundError(f"no saved adapter for role {role!r}: expected {folder}/adapter_model.safetensors")
-            set_peft_model_state_dict(self.peft, load_peft_weights(str(folder), device=str(self.device)), adapter_name=role)
 
     # Shared pieces ---------------------------------------------------------------------
 
@@ -526,23 +465,12 @@ class BagelAdapter:
 
     @torch.no_grad()
     def sample_answers(self, requests: Sequence[AnswerRequest], max_new_tokens: int = 96, seed: int = 0) -> list[TextSample]:
-        groups: dict[int, list[int]] = {}
-        for index, request in enumerate(requests):
-            groups.setdefault(id(request.image), []).append(index)
-        # Requests sharing an image decode together from one prefill of it; requests alone
-        # with their image decode as one batch, and so do requests without an image.
-        shared = [indices for key, indices in groups.items() if len(indices) > 1 and requests[indices[0]].image is not None]
-        alone = [indices[0] for key, indices in groups.items() if len(indices) == 1 and requests[indices[0]].image is not None]
-        textual = [i for key, indices in groups.items() if requests[indices[0]].image is None for i in indices]
-        results: list[TextSample | None] = [None] * len(requests)
-        for indices in [*shared, *([alone] if alone else []), *([textual] if textual else [])]:
-            group = [requests[i] for i in indices]
-            seeds = [r.seed if r.seed is not None else seed + i for r, i in zip(group, indices)]
+        def sample_batch(batch, seeds):
             with self._autocast():
-                samples = self._sample_group(group, seeds, max_new_tokens)
-            for index, sample in zip(indices, samples):
-                results[index] = sample
-        return results  # type: ignore[return-value]
+                return self._sample_group(batch, seeds, max_new_tokens)
+
+        # Requests without an image decode apart: a batch mixes only rows of the same kind.
+        return sample_in_batches(requests, seed, sample_batch, text_apart=True)
 
     def _sample_group(self, group: Sequence[AnswerRequest], seeds: Sequence[int], max_new_tokens: int) -> list[TextSample]:
         rows = len(group)
@@ -566,11 +494,7 @@ class BagelAdapter:
         kv_lens = torch.tensor(context["kv_lens"], dtype=torch.int, device=device)
         positions = torch.tensor(context["ropes"], dtype=torch.long, device=device)
         current = torch.full((rows,), self.bos_id, dtype=torch.long, device=device)
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        tokens: list[list[int]] = [[] for _ in group]
-        logprobs: list[list[float]] = [[] for _ in group]
-        entropies: list[list[float]] = [[] for _ in group]
-        finished = [False] * rows
+        sampler = RowSampler(group, seeds, {self.eos_id}, self.eos_id, device)
         offsets = torch.arange(rows, dtype=kv_lens.dtype, device=device)
         for _ in range(max_new_tokens):
             # After the previous step row r's cache has kv_lens[r] entries; the new token of
@@ -591,27 +515,13 @@ class BagelAdapter:
             )
             cache = output.past_key_values
             logits = language_model.lm_head(output.packed_query_sequence).float()
-            step_entropy = token_entropy(logits)
-            drawn = []
-            for row, request in enumerate(group):
-                if finished[row]:
-                    drawn.append(self.eos_id)
-                    continue
-                token, logprob = _draw(logits[row], request.temperature, request.top_p, generators[row])
-                tokens[row].append(token)
-                logprobs[row].append(logprob)
-                entropies[row].append(float(step_entropy[row]))
-                finished[row] = token == self.eos_id
-                drawn.append(token)
-            if all(finished):
+            drawn = sampler.step(logits)
+            if sampler.done:
                 break
             current = torch.tensor(drawn, dtype=torch.long, device=device)
             kv_lens = kv_lens + 1
             positions = positions + 1
-        return [
-            TextSample(text=self.decode(ids), token_ids=ids, logprobs=torch.tensor(lp), entropies=torch.tensor(ent), finished=done)
-            for ids, lp, ent, done in zip(tokens, logprobs, entropies, finished)
-        ]
+        return sampler.samples(self.decode)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         kept = [t for t in token_ids if t not in (self.eos_id, self.bos_id)]

@@ -32,10 +32,9 @@ import hashlib
 import inspect
 import json
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -53,7 +52,8 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.janus import _common_prefix, _draw
+from asg_kit.adapters.decoding import RowSampler, common_prefix, sample_in_batches
+from asg_kit.adapters.roles import LoraRoles
 from asg_kit.rewards.entropy import token_entropy
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -153,7 +153,7 @@ class Blip3oNetwork(torch.nn.Module):
         self.query_offset = torch.nn.Parameter(torch.zeros_like(latent_queries))
 
 
-class Blip3oAdapter:
+class Blip3oAdapter(LoraRoles):
     """BLIP3o with one LoRA adapter per role (see the module docstring)."""
 
     name = "blip3o"
@@ -276,10 +276,8 @@ class Blip3oAdapter:
         return cls(network, tokenizer, image_processor, folder, modules, checkout, settings=settings, **options)
 
     def _add_roles(self, lora: LoraSettings, roles: tuple[str, ...]) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
         targets = "|".join(lora.target_modules)
         text_layers = rf"qwen\.model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({targets})"
         text_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=text_layers, bias="none")
@@ -292,76 +290,29 @@ class Blip3oAdapter:
         # The generator's LoRA spans the text layers and the DiT's cross-attention (dropout 0 on
         # the DiT, as the published run; one dropout per config, so the text part keeps 0 too).
         generator_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=f"({text_layers}|{DIT_TARGETS})", bias="none")
-        self.roles = roles
-        configs = {role: {"generator": generator_config, "solver": solver_config}.get(role, text_config) for role in roles}
-        self.peft = get_peft_model(self.model, configs[roles[0]], adapter_name=roles[0])
-        for role in roles[1:]:
-            self.peft.add_adapter(role, configs[role])
-        self._lora_parameters = [p for name, p in self.peft.named_parameters() if "lora_" in name]
-        self._active = roles[0]
-        self._activate(None)
+        self.install_roles(self.model, {role: {"generator": generator_config, "solver": solver_config}.get(role, text_config) for role in roles})
 
     # Roles -----------------------------------------------------------------------------
 
     def _activate(self, role: str | None) -> None:
-        if self.peft is None:
-            if role is not None:
-                raise ValueError(f"this backbone was built without LoRA roles; it has no role {role!r}")
-            return
-        tuner = self.peft.base_model
-        if role is None:
-            tuner.disable_adapter_layers()
-        else:
-            if role not in self.roles:
-                raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
-            tuner.enable_adapter_layers()
-            self.peft.set_adapter(role)
-        for parameter in self._lora_parameters:  # see JanusAdapter._activate
-            parameter.requires_grad_(True)
-        self.model.query_offset.requires_grad_("generator" in self.roles)
-        self._active = role
-
-    @contextmanager
-    def role(self, name: str | None) -> Iterator[None]:
-        previous = self._active
-        self._activate(name)
-        try:
-            yield
-        finally:
-            self._activate(previous)
-
-    @property
-    def active_role(self) -> str | None:
-        return self._active
+        super()._activate(role)
+        if self.peft is not None:
+            self.model.query_offset.requires_grad_("generator" in self.roles)
 
     def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
-        if role not in self.roles:
-            raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
-        marker = f".{role}."
-        params = [p for name, p in self.peft.named_parameters() if "lora_" in name and marker in name]
-        return params + ([self.model.query_offset] if role == "generator" else [])
+        return super().trainable_parameters(role) + ([self.model.query_offset] if role == "generator" else [])
 
     def save_roles(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        if self.peft is None:
-            raise ValueError("this backbone was built without LoRA roles: nothing to save")
-        self.peft.save_pretrained(str(path), selected_adapters=list(self.roles), safe_serialization=True)
+        super().save_roles(path)
         if "generator" in self.roles:
             save_file({"query_offset": self.model.query_offset.detach().cpu().contiguous()}, str(Path(path) / "generator" / QUERY_FILE))
 
     def load_roles(self, path: str | Path) -> None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
         from safetensors.torch import load_file
 
-        if self.peft is None:
-            raise ValueError("this backbone was built without LoRA roles: nothing to load into")
-        for role in self.roles:
-            folder = Path(path) / role
-            if not (folder / "adapter_model.safetensors").is_file():
-                raise FileNotFoundError(f"no saved adapter for role {role!r}: expected {folder}/adapter_model.safetensors")
-            set_peft_model_state_dict(self.peft, load_peft_weights(str(folder), device=str(self.device)), adapter_name=role)
+        super().load_roles(path)
         offset = Path(path) / "generator" / QUERY_FILE
         if "generator" in self.roles and offset.is_file():
             with torch.no_grad():
@@ -467,18 +418,7 @@ class Blip3oAdapter:
 
     @torch.no_grad()
     def sample_answers(self, requests: Sequence[AnswerRequest], max_new_tokens: int = 96, seed: int = 0) -> list[TextSample]:
-        groups: dict[int, list[int]] = {}
-        for index, request in enumerate(requests):
-            groups.setdefault(id(request.image), []).append(index)
-        singles = [indices[0] for indices in groups.values() if len(indices) == 1]
-        batches = [indices for indices in groups.values() if len(indices) > 1] + ([singles] if singles else [])
-        results: list[TextSample | None] = [None] * len(requests)
-        for indices in batches:
-            group = [requests[i] for i in indices]
-            seeds = [r.seed if r.seed is not None else seed + i for r, i in zip(group, indices)]
-            for index, sample in zip(indices, self._sample_group(group, seeds, max_new_tokens)):
-                results[index] = sample
-        return results  # type: ignore[return-value]
+        return sample_in_batches(requests, seed, lambda batch, seeds: self._sample_group(batch, seeds, max_new_tokens))
 
     def _sample_group(self, group: Sequence[AnswerRequest], seeds: Sequence[int], max_new_tokens: int) -> list[TextSample]:
         from transformers import DynamicCache
@@ -490,7 +430,7 @@ class Blip3oAdapter:
             rows.append(ids)
             embeds.append(self._embed(ids, feature))
             positions.append(self._positions(ids, grid))
-        shared = _common_prefix(rows)
+        shared = common_prefix(rows)
         if len({id(r.image) for r in group}) > 1 and self.image_token_id in rows[0][:shared]:
             shared = rows[0].index(self.image_token_id)  # image slots hold different features per row
         count = len(group)
@@ -507,37 +447,19 @@ class Blip3oAdapter:
         hidden = self._hidden(suffix, mask, suffix_positions, cache)[:, -1]
         next_position = torch.stack([p.max() + 1 for p in positions])  # text after an image resumes past its grid
 
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        tokens: list[list[int]] = [[] for _ in group]
-        logprobs: list[list[float]] = [[] for _ in group]
-        entropies: list[list[float]] = [[] for _ in group]
-        finished = [False] * count
+        sampler = RowSampler(group, seeds, self.eos_ids, self.pad_id, self.device)
         head = self.model.qwen.lm_head
         for step in range(max_new_tokens):
             logits = head(hidden).float()
-            step_entropy = token_entropy(logits)
-            drawn = []
-            for row, request in enumerate(group):
-                if finished[row]:
-                    drawn.append(self.pad_id)
-                    continue
-                token, logprob = _draw(logits[row], request.temperature, request.top_p, generators[row])
-                tokens[row].append(token)
-                logprobs[row].append(logprob)
-                entropies[row].append(float(step_entropy[row]))
-                finished[row] = token in self.eos_ids
-                drawn.append(token)
-            if all(finished) or step == max_new_tokens - 1:
+            drawn = sampler.step(logits)
+            if sampler.done or step == max_new_tokens - 1:
                 break
             step_embeds = self._language_model.embed_tokens(torch.tensor(drawn, device=self.device))[:, None]
             mask = torch.cat([mask, torch.ones(count, 1, dtype=torch.long, device=self.device)], dim=1)
             hidden = self._hidden(step_embeds, mask, next_position.view(1, count, 1).expand(3, -1, -1), cache)[:, -1]
             next_position = next_position + 1
 
-        return [
-            TextSample(text=self.decode(ids), token_ids=ids, logprobs=torch.tensor(lp), entropies=torch.tensor(ent), finished=done)
-            for ids, lp, ent, done in zip(tokens, logprobs, entropies, finished)
-        ]
+        return sampler.samples(self.decode)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         kept = [t for t in token_ids if t not in self.eos_ids and t != self.pad_id]

@@ -9,9 +9,8 @@ random streams, and one prefill per image or prompt shared by all its samples.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -24,10 +23,11 @@ from asg_kit.adapters.base import (
     GeneratedImages,
     ImageRollout,
     LoraSettings,
-    NonFiniteLogits,
     TextSample,
     TokenScores,
 )
+from asg_kit.adapters.decoding import RowSampler, common_prefix, draw_token, left_pad, sample_in_batches
+from asg_kit.adapters.roles import LoraRoles
 from asg_kit.rewards.entropy import token_entropy
 
 JANUS_MIN_TRANSFORMERS = "4.52"
@@ -61,51 +61,13 @@ def pil_image_processor_class():
         return JanusImageProcessor
 
 
-def _left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack (length_i, hidden) rows left-padded: embeddings, attention mask, positions."""
-    longest = max(row.shape[0] for row in rows)
-    first = rows[0]
-    embeds = first.new_zeros(len(rows), longest, first.shape[-1])
-    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=first.device)
-    for i, row in enumerate(rows):
-        embeds[i, longest - row.shape[0] :] = row
-        mask[i, longest - row.shape[0] :] = 1
-    return embeds, mask, (mask.cumsum(-1) - 1).clamp_min(0)
-
-
-def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
-    limit = min(len(r) for r in rows) - 1  # every row keeps at least one token of its own
-    length = 0
-    while length < limit and all(r[length] == rows[0][length] for r in rows):
-        length += 1
-    return length
-
-
-def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> tuple[int, float]:
-    """Sample one token from a row of logits; return it with its behaviour log-prob."""
-    if not torch.isfinite(logits).all():
-        raise NonFiniteLogits("NaN or inf in the logits while sampling")
-    if temperature <= 0:
-        token = int(logits.argmax())
-        return token, float(torch.log_softmax(logits, -1)[token])
-    scaled = logits / temperature
-    if top_p < 1.0:
-        probs, order = torch.softmax(scaled, -1).sort(descending=True)
-        outside = probs.cumsum(-1) - probs >= top_p  # keep the smallest set reaching top_p
-        scaled = scaled.clone()
-        scaled[order[outside]] = -torch.inf
-    logprobs = torch.log_softmax(scaled, -1)
-    token = int(torch.multinomial(logprobs.exp(), 1, generator=generator))
-    return token, float(logprobs[token])
-
-
 def _to_pil(decoded: torch.Tensor) -> list[Image.Image]:
     """(batch, H, W, 3) in [-1, 1] to PIL images."""
     pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
 
 
-class JanusAdapter:
+class JanusAdapter(LoraRoles):
     """A Janus model with one LoRA adapter per role on its language model."""
 
     name = "janus"
@@ -145,10 +107,8 @@ class JanusAdapter:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
     def _add_roles(self, lora: LoraSettings, roles: tuple[str, ...]) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
         targets = "|".join(lora.target_modules)
         config = LoraConfig(
             r=lora.r,
@@ -157,13 +117,7 @@ class JanusAdapter:
             target_modules=rf".*language_model\..*\.({targets})",
             bias="none",
         )
-        self.roles = roles
-        self.peft = get_peft_model(self.model, config, adapter_name=roles[0])  # injects into self.model
-        for role in roles[1:]:
-            self.peft.add_adapter(role, config)
-        self._lora_parameters = [p for name, p in self.peft.named_parameters() if "lora_" in name]
-        self._active = roles[0]
-        self._activate(None)
+        self.install_roles(self.model, {role: config for role in roles})
 
     @classmethod
     def from_pretrained(
@@ -211,76 +165,6 @@ class JanusAdapter:
         return cls(network, processor, **options)
 
     # Roles -----------------------------------------------------------------------------
-
-    def _activate(self, role: str | None) -> None:
-        if self.peft is None:
-            if role is not None:
-                raise ValueError(f"this backbone was built without LoRA roles; it has no role {role!r}")
-            return
-        tuner = self.peft.base_model
-        if role is None:
-            tuner.disable_adapter_layers()
-        else:
-            if role not in self.roles:
-                raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
-            tuner.enable_adapter_layers()
-            self.peft.set_adapter(role)
-        # peft flips requires_grad on every switch; keep all role weights trainable so that a
-        # loss built under a role can be backpropagated after its block ends. Inactive
-        # adapters take no part in the forward pass, so they receive no gradient anyway.
-        for parameter in self._lora_parameters:
-            parameter.requires_grad_(True)
-        self._active = role
-
-    @contextmanager
-    def role(self, name: str | None) -> Iterator[None]:
-        previous = self._active
-        self._activate(name)
-        try:
-            yield
-        finally:
-            self._activate(previous)
-
-    @property
-    def active_role(self) -> str | None:
-        return self._active
-
-    def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
-        if role not in self.roles:
-            raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
-        marker = f".{role}."
-        return [p for name, p in self.peft.named_parameters() if "lora_" in name and marker in name]
-
-    def save_roles(self, path: str | Path) -> None:
-        if self.peft is None:
-            raise ValueError("this backbone was built without LoRA roles: nothing to save")
-        self.peft.save_pretrained(str(path), selected_adapters=list(self.roles), safe_serialization=True)
-
-    def load_roles(self, path: str | Path) -> None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        from asg_kit.checks import UserError
-
-        if self.peft is None:
-            raise ValueError("this backbone was built without LoRA roles: nothing to load into")
-        for role in self.roles:
-            folder = Path(path) / role
-            if not (folder / "adapter_model.safetensors").is_file():
-                raise FileNotFoundError(f"no saved adapter for role {role!r}: expected {folder}/adapter_model.safetensors")
-            file = folder / "adapter_model.safetensors"
-            try:
-                weights = load_peft_weights(str(folder), device=str(self.device))
-            except Exception as error:  # safetensors' own error type for a truncated or foreign file
-                raise UserError(f"{file}: not a readable safetensors file ({error})") from None
-            loaded = set_peft_model_state_dict(self.peft, weights, adapter_name=role)
-            # A silently partial load would evaluate or train other weights than the file's.
-            unmatched = list(loaded.unexpected_keys)
-            missing = [k for k in loaded.missing_keys if "lora_" in k and f".{role}." in k]
-            if unmatched or missing or not weights:
-                problem = f"{len(unmatched)} key(s) match nothing in this model, e.g. {unmatched[0]}" if unmatched else (
-                    f"{len(missing)} of the role's weights are missing, e.g. {missing[0]}" if missing else "no weights")
-                raise UserError(f"{file}: {problem}; is it an adapter of role {role!r} saved from this backbone?")
 
     # Encoding --------------------------------------------------------------------------
 
@@ -375,26 +259,13 @@ class JanusAdapter:
 
     @torch.no_grad()
     def sample_answers(self, requests: Sequence[AnswerRequest], max_new_tokens: int = 96, seed: int = 0) -> list[TextSample]:
-        groups: dict[int, list[int]] = {}
-        for index, request in enumerate(requests):
-            groups.setdefault(id(request.image), []).append(index)
-        # Requests sharing an image decode together from one prefill of their common prefix,
-        # image included; requests alone with their image (benchmarks) decode as one batch.
-        singles = [indices[0] for indices in groups.values() if len(indices) == 1]
-        batches = [indices for indices in groups.values() if len(indices) > 1] + ([singles] if singles else [])
-        results: list[TextSample | None] = [None] * len(requests)
-        for indices in batches:
-            group = [requests[i] for i in indices]
-            seeds = [r.seed if r.seed is not None else seed + i for r, i in zip(group, indices)]
-            for index, sample in zip(indices, self._sample_group(group, seeds, max_new_tokens)):
-                results[index] = sample
-        return results  # type: ignore[return-value]
+        return sample_in_batches(requests, seed, lambda batch, seeds: self._sample_group(batch, seeds, max_new_tokens))
 
     def _sample_group(self, group: Sequence[AnswerRequest], seeds: Sequence[int], max_new_tokens: int) -> list[TextSample]:
         features = self._image_features([r.image for r in group])
         rows = [self.prompt_ids(r.prompt, r.image is not None) for r in group]
         embeds = [self._embed(ids, features.get(id(r.image))) for ids, r in zip(rows, group)]
-        shared = _common_prefix(rows)
+        shared = common_prefix(rows)
         if len({id(r.image) for r in group}) > 1 and self.image_token_id in rows[0][:shared]:
             shared = rows[0].index(self.image_token_id)  # image slots hold different features per row
         count = len(group)
@@ -406,48 +277,24 @@ class JanusAdapter:
             ones = torch.ones(1, shared, dtype=torch.long, device=self.device)
             self._hidden(prefix, ones, (ones.cumsum(-1) - 1), cache)
             cache.batch_repeat_interleave(count)
-        suffix, suffix_mask, _ = _left_pad([e[shared:] for e in embeds])
+        suffix, suffix_mask, _ = left_pad([e[shared:] for e in embeds])
         mask = torch.cat([torch.ones(count, shared, dtype=torch.long, device=self.device), suffix_mask], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         hidden = self._hidden(suffix, mask, positions[:, shared:], cache)[:, -1]
         next_position = positions[:, -1:] + 1
 
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        tokens: list[list[int]] = [[] for _ in group]
-        logprobs: list[list[float]] = [[] for _ in group]
-        entropies: list[list[float]] = [[] for _ in group]
-        finished = [False] * count
+        sampler = RowSampler(group, seeds, {self.eos_id}, self.pad_id, self.device)
         for step in range(max_new_tokens):
             logits = self.model.lm_head(hidden).float()
-            step_entropy = token_entropy(logits)
-            drawn = []
-            for row, request in enumerate(group):
-                if finished[row]:
-                    drawn.append(self.pad_id)
-                    continue
-                token, logprob = _draw(logits[row], request.temperature, request.top_p, generators[row])
-                tokens[row].append(token)
-                logprobs[row].append(logprob)
-                entropies[row].append(float(step_entropy[row]))
-                finished[row] = token == self.eos_id
-                drawn.append(token)
-            if all(finished) or step == max_new_tokens - 1:
+            drawn = sampler.step(logits)
+            if sampler.done or step == max_new_tokens - 1:
                 break
             step_embeds = self.model.get_input_embeddings()(torch.tensor(drawn, device=self.device))[:, None]
             mask = torch.cat([mask, torch.ones(count, 1, dtype=torch.long, device=self.device)], dim=1)
             hidden = self._hidden(step_embeds, mask, next_position, cache)[:, -1]
             next_position = next_position + 1
 
-        return [
-            TextSample(
-                text=self.decode(ids),
-                token_ids=ids,
-                logprobs=torch.tensor(lp),
-                entropies=torch.tensor(ent),
-                finished=done,
-            )
-            for ids, lp, ent, done in zip(tokens, logprobs, entropies, finished)
-        ]
+        return sampler.samples(self.decode)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         # Special tokens stay (answer tags may be special); only end and padding go.
@@ -471,7 +318,7 @@ class JanusAdapter:
         for request, completion in zip(requests, completions):
             prompt = self._embed(self.prompt_ids(request.prompt, request.image is not None), features.get(id(request.image)))
             rows.append(torch.cat([prompt, self._embed(completion)]))
-        embeds, mask, positions = _left_pad(rows)
+        embeds, mask, positions = left_pad(rows)
         hidden = self._hidden(embeds, mask, positions)
         return self._score_tail(hidden, completions, self.model.lm_head, keep_logits)
 
@@ -516,7 +363,7 @@ class JanusAdapter:
     @torch.no_grad()
     def _mean_embedding(self, rows: list[torch.Tensor]) -> torch.Tensor:
         with self.role(None):
-            embeds, mask, positions = _left_pad(rows)
+            embeds, mask, positions = left_pad(rows)
             hidden = self._hidden(embeds, mask, positions).float()
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return torch.nn.functional.normalize(pooled, dim=-1)
@@ -580,7 +427,7 @@ class JanusAdapter:
             conditional_logits, unconditional_logits = logits[:n], logits[n:]
             guided = unconditional_logits + guidance_scale * (conditional_logits - unconditional_logits)
             for row in range(n):
-                token, logprob = _draw(guided[row], temperature, 1.0, generators[row])
+                token, logprob = draw_token(guided[row], temperature, 1.0, generators[row])
                 tokens[row, step] = token
                 logprobs[row, step] = logprob
             if step == self.num_image_tokens - 1:
@@ -596,7 +443,7 @@ class JanusAdapter:
         for ids, tokens in zip(rollout.prompt_ids, rollout.tokens):
             image_embeds = self.model.prepare_embeddings_for_image_generation(tokens.to(self.device))
             rows.append(torch.cat([self._embed(ids), image_embeds.to(self.dtype)]))
-        embeds, mask, positions = _left_pad(rows)
+        embeds, mask, positions = left_pad(rows)
         hidden = self._hidden(embeds, mask, positions)
         targets = [t.tolist() for t in rollout.tokens]
         return self._score_tail(hidden, targets, self.model.model.generation_head).logprobs

@@ -44,7 +44,8 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.janus import _common_prefix, _draw
+from asg_kit.adapters.decoding import RowSampler, common_prefix, sample_in_batches
+from asg_kit.adapters.roles import LoraRoles
 from asg_kit.adapters.upstream import (
     UPSTREAMS,
     allow_torchvision_without_ops,
@@ -205,7 +206,7 @@ def _to_pil(images_bgr: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image) for image in images_bgr.flip(-1).cpu().numpy()]
 
 
-class VARGPTAdapter:
+class VARGPTAdapter(LoraRoles):
     """VARGPT-v1.1 with one LoRA adapter per role: Proposer and Solver on the language model's
     projections, the Generator on those plus Infinity's blocks and head and the generation
     projectors (the released configuration)."""
@@ -325,71 +326,7 @@ class VARGPTAdapter:
         )
 
     def _add_roles(self, lora: LoraSettings, roles: tuple[str, ...]) -> None:
-        from peft import get_peft_model
-
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-        self.roles = roles
-        self.peft = get_peft_model(self.model, self._lora_config(lora, roles[0]), adapter_name=roles[0])
-        for role in roles[1:]:
-            self.peft.add_adapter(role, self._lora_config(lora, role))
-        self._lora_parameters = [p for name, p in self.peft.named_parameters() if "lora_" in name]
-        self._active = roles[0]
-        self._activate(None)
-
-    def _activate(self, role: str | None) -> None:
-        if self.peft is None:
-            if role is not None:
-                raise ValueError(f"this backbone was built without LoRA roles; it has no role {role!r}")
-            return
-        tuner = self.peft.base_model
-        if role is None:
-            tuner.disable_adapter_layers()
-        else:
-            if role not in self.roles:
-                raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
-            tuner.enable_adapter_layers()
-            self.peft.set_adapter(role)
-        for parameter in self._lora_parameters:  # peft flips requires_grad on every switch
-            parameter.requires_grad_(True)
-        self._active = role
-
-    @contextmanager
-    def role(self, name: str | None) -> Iterator[None]:
-        previous = self._active
-        self._activate(name)
-        try:
-            yield
-        finally:
-            self._activate(previous)
-
-    @property
-    def active_role(self) -> str | None:
-        return self._active
-
-    def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
-        if role not in self.roles:
-            raise ValueError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
-        marker = f".{role}."
-        return [p for name, p in self.peft.named_parameters() if "lora_" in name and marker in name]
-
-    def save_roles(self, path: str | Path) -> None:
-        if self.peft is None:
-            raise ValueError("this backbone was built without LoRA roles: nothing to save")
-        self.peft.save_pretrained(str(path), selected_adapters=list(self.roles), safe_serialization=True)
-
-    def load_roles(self, path: str | Path) -> None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        if self.peft is None:
-            raise ValueError("this backbone was built without LoRA roles: nothing to load into")
-        for role in self.roles:
-            folder = Path(path) / role
-            if not (folder / "adapter_model.safetensors").is_file():
-                raise FileNotFoundError(f"no saved adapter for role {role!r}: expected {folder}/adapter_model.safetensors")
-            weights = load_peft_weights(str(folder), device=str(self.device))
-            set_peft_model_state_dict(self.peft, weights, adapter_name=role)
+        self.install_roles(self.model, {role: self._lora_config(lora, role) for role in roles})
 
     # Encoding --------------------------------------------------------------------------
 
@@ -491,20 +428,7 @@ class VARGPTAdapter:
 
     @torch.no_grad()
     def sample_answers(self, requests: Sequence[AnswerRequest], max_new_tokens: int = 96, seed: int = 0) -> list[TextSample]:
-        groups: dict[int, list[int]] = {}
-        for index, request in enumerate(requests):
-            groups.setdefault(id(request.image), []).append(index)
-        # Requests sharing an image decode together from one prefill of their common prefix,
-        # image included; requests alone with their image decode as one batch.
-        singles = [indices[0] for indices in groups.values() if len(indices) == 1]
-        batches = [indices for indices in groups.values() if len(indices) > 1] + ([singles] if singles else [])
-        results: list[TextSample | None] = [None] * len(requests)
-        for indices in batches:
-            group = [requests[i] for i in indices]
-            seeds = [r.seed if r.seed is not None else seed + i for r, i in zip(group, indices)]
-            for index, sample in zip(indices, self._sample_group(group, seeds, max_new_tokens)):
-                results[index] = sample
-        return results  # type: ignore[return-value]
+        return sample_in_batches(requests, seed, lambda batch, seeds: self._sample_group(batch, seeds, max_new_tokens))
 
     def _sample_group(self, group: Sequence[AnswerRequest], seeds: Sequence[int], max_new_tokens: int) -> list[TextSample]:
         from transformers import DynamicCache
@@ -513,7 +437,7 @@ class VARGPTAdapter:
         rows = [self.prompt_ids(r.prompt, r.image is not None, self._image_tokens(vision, r.image)) for r in group]
         grids = [vision[id(r.image)][1] if r.image is not None else None for r in group]
         positions = [self._positions(ids, grid) for ids, grid in zip(rows, grids)]
-        shared = _common_prefix(rows)
+        shared = common_prefix(rows)
         prefix_has_image = self.image_token_id in rows[0][:shared]
         if prefix_has_image and (len({id(r.image) for r in group}) > 1 or self.image_token_id in rows[0][shared:]):
             shared = rows[0].index(self.image_token_id)  # image slots hold different features per row
@@ -533,35 +457,17 @@ class VARGPTAdapter:
         hidden = self._hidden(suffix_ids, pixels, mask, suffix_pos, cache)[:, -1]
         next_position = torch.stack([p.max() + 1 for p in positions]).view(1, count, 1).expand(3, count, 1).clone()
 
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        tokens: list[list[int]] = [[] for _ in group]
-        logprobs: list[list[float]] = [[] for _ in group]
-        entropies: list[list[float]] = [[] for _ in group]
-        finished = [False] * count
+        sampler = RowSampler(group, seeds, {self.eos_id}, self.pad_id, self.device)
         for step in range(max_new_tokens):
             logits = self._text_logits(hidden)
-            step_entropy = token_entropy(logits)
-            drawn = []
-            for row, request in enumerate(group):
-                if finished[row]:
-                    drawn.append(self.pad_id)
-                    continue
-                token, logprob = _draw(logits[row], request.temperature, request.top_p, generators[row])
-                tokens[row].append(token)
-                logprobs[row].append(logprob)
-                entropies[row].append(float(step_entropy[row]))
-                finished[row] = token == self.eos_id
-                drawn.append(token)
-            if all(finished) or step == max_new_tokens - 1:
+            drawn = sampler.step(logits)
+            if sampler.done or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(count, 1, dtype=torch.long, device=self.device)], 1)
             hidden = self._hidden(torch.tensor(drawn, device=self.device)[:, None], [], mask, next_position, cache)[:, -1]
             next_position = next_position + 1
 
-        return [
-            TextSample(text=self.decode(ids), token_ids=ids, logprobs=torch.tensor(lp), entropies=torch.tensor(ent), finished=done)
-            for ids, lp, ent, done in zip(tokens, logprobs, entropies, finished)
-        ]
+        return sampler.samples(self.decode)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         kept = [t for t in token_ids if t not in (self.eos_id, self.pad_id)]
