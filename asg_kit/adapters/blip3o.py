@@ -52,9 +52,8 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.decoding import RowSampler, common_prefix, sample_in_batches
+from asg_kit.adapters.decoding import RowSampler, common_prefix, sample_in_batches, score_tail
 from asg_kit.adapters.roles import LoraRoles
-from asg_kit.rewards.entropy import token_entropy
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 USER_TURN = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
@@ -485,30 +484,7 @@ class Blip3oAdapter(LoraRoles):
             positions.append(self._positions(full, grid))
         batch, mask, stacked = self._left_pad(embeds, positions)
         hidden = self._hidden(batch, mask, stacked)
-        return self._score_tail(hidden, completions, keep_logits)
-
-    def _score_tail(self, hidden: torch.Tensor, targets: Sequence[Sequence[int]], keep_logits: bool) -> TokenScores:
-        """Each row's last ``len(target)`` tokens scored from the hidden states before them
-        (rows are left-padded, so every row's targets end at the last position)."""
-        longest, width = max(len(t) for t in targets), hidden.shape[1]
-        index = torch.zeros(len(targets), longest, dtype=torch.long, device=hidden.device)
-        mask = torch.zeros(len(targets), longest, dtype=torch.bool, device=hidden.device)
-        target = torch.zeros(len(targets), longest, dtype=torch.long, device=hidden.device)
-        for row, tokens in enumerate(targets):
-            n = len(tokens)
-            index[row, :n] = torch.arange(width - n - 1, width - 1, device=hidden.device)
-            mask[row, :n] = True
-            target[row, :n] = torch.as_tensor(list(tokens), device=hidden.device)
-        logits = self.model.qwen.lm_head(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))).float()
-        logprobs = torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
-        with torch.no_grad():
-            entropies = token_entropy(logits.detach())
-        return TokenScores(
-            logprobs=logprobs.masked_fill(~mask, 0.0),
-            entropies=entropies.masked_fill(~mask, 0.0),
-            mask=mask,
-            logits=logits if keep_logits else None,
-        )
+        return score_tail(hidden, completions, self.model.qwen.lm_head, keep_logits)
 
     def caption(
         self, images: Sequence[Image.Image], prompt: str = CAPTION_PROMPT, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0

@@ -1,5 +1,6 @@
-"""Token-level pieces every adapter's own decode loop uses: drawing one token with its
-behaviour log-prob from a per-request random stream, and batching rows."""
+"""Token-level pieces every adapter's own loops use: batching requests, drawing one token
+with its behaviour log-prob from a per-request random stream, left-padding rows, and
+teacher-forced scoring of completions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from asg_kit.adapters.base import AnswerRequest, NonFiniteLogits, TextSample
+from asg_kit.adapters.base import AnswerRequest, NonFiniteLogits, TextSample, TokenScores
 from asg_kit.rewards.entropy import token_entropy
 
 
@@ -117,3 +118,28 @@ class RowSampler:
             TextSample(text=decode(ids), token_ids=ids, logprobs=torch.tensor(lp), entropies=torch.tensor(ent), finished=stopped)
             for ids, lp, ent, stopped in zip(self.tokens, self.logprobs, self.entropies, self.finished)
         ]
+
+
+def score_tail(hidden: torch.Tensor, targets: Sequence[Sequence[int]], head: Callable[[torch.Tensor], torch.Tensor], keep_logits: bool = False) -> TokenScores:
+    """Teacher-forced scores of each row's last ``len(target)`` tokens, read from the hidden
+    states just before them through ``head`` (rows are left-padded, so every row's targets
+    end at the last position). Logits of padding positions are zero when kept."""
+    longest, width = max(len(t) for t in targets), hidden.shape[1]
+    index = torch.zeros(len(targets), longest, dtype=torch.long, device=hidden.device)
+    mask = torch.zeros(len(targets), longest, dtype=torch.bool, device=hidden.device)
+    target = torch.zeros(len(targets), longest, dtype=torch.long, device=hidden.device)
+    for row, tokens in enumerate(targets):
+        n = len(tokens)
+        index[row, :n] = torch.arange(width - n - 1, width - 1, device=hidden.device)
+        mask[row, :n] = True
+        target[row, :n] = torch.as_tensor(list(tokens), device=hidden.device)
+    logits = head(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))).float()
+    logprobs = torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
+    with torch.no_grad():
+        entropies = token_entropy(logits.detach())
+    return TokenScores(
+        logprobs=logprobs.masked_fill(~mask, 0.0),
+        entropies=entropies.masked_fill(~mask, 0.0),
+        mask=mask,
+        logits=logits.masked_fill(~mask[..., None], 0.0) if keep_logits else None,
+    )

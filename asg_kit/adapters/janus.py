@@ -26,9 +26,8 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.decoding import RowSampler, common_prefix, draw_token, left_pad, sample_in_batches
+from asg_kit.adapters.decoding import RowSampler, common_prefix, draw_token, left_pad, sample_in_batches, score_tail
 from asg_kit.adapters.roles import LoraRoles
-from asg_kit.rewards.entropy import token_entropy
 
 JANUS_MIN_TRANSFORMERS = "4.52"
 CHAT_TEMPLATE = "<|User|>: {image}{text}\n\n<|Assistant|>:"
@@ -320,32 +319,7 @@ class JanusAdapter(LoraRoles):
             rows.append(torch.cat([prompt, self._embed(completion)]))
         embeds, mask, positions = left_pad(rows)
         hidden = self._hidden(embeds, mask, positions)
-        return self._score_tail(hidden, completions, self.model.lm_head, keep_logits)
-
-    def _score_tail(self, hidden: torch.Tensor, targets: Sequence[Sequence[int]], head, keep_logits: bool = False) -> TokenScores:
-        """Score each row's last ``len(target)`` tokens from the hidden states before them
-        (rows are left-padded, so every row's targets end at the last position)."""
-        longest = max(len(t) for t in targets)
-        width = hidden.shape[1]
-        index = torch.zeros(len(targets), longest, dtype=torch.long, device=hidden.device)
-        mask = torch.zeros(len(targets), longest, dtype=torch.bool, device=hidden.device)
-        target = torch.zeros(len(targets), longest, dtype=torch.long, device=hidden.device)
-        for row, tokens in enumerate(targets):
-            n = len(tokens)
-            index[row, :n] = torch.arange(width - n - 1, width - 1, device=hidden.device)
-            mask[row, :n] = True
-            target[row, :n] = torch.as_tensor(list(tokens), device=hidden.device)
-        picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = head(picked).float()
-        logprobs = torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
-        with torch.no_grad():
-            entropies = token_entropy(logits.detach())
-        return TokenScores(
-            logprobs=logprobs.masked_fill(~mask, 0.0),
-            entropies=entropies.masked_fill(~mask, 0.0),
-            mask=mask,
-            logits=logits if keep_logits else None,
-        )
+        return score_tail(hidden, completions, self.model.lm_head, keep_logits)
 
     def caption(
         self,
@@ -446,7 +420,7 @@ class JanusAdapter(LoraRoles):
         embeds, mask, positions = left_pad(rows)
         hidden = self._hidden(embeds, mask, positions)
         targets = [t.tolist() for t in rollout.tokens]
-        return self._score_tail(hidden, targets, self.model.model.generation_head).logprobs
+        return score_tail(hidden, targets, self.model.model.generation_head).logprobs
 
     def generator_loss(self, rollout: ImageRollout) -> torch.Tensor:
         """The "ar_tokens" Generator objective with unit weights: mean negative log-prob of

@@ -44,7 +44,7 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.decoding import RowSampler, common_prefix, sample_in_batches
+from asg_kit.adapters.decoding import RowSampler, common_prefix, sample_in_batches, score_tail
 from asg_kit.adapters.roles import LoraRoles
 from asg_kit.adapters.upstream import (
     UPSTREAMS,
@@ -54,7 +54,6 @@ from asg_kit.adapters.upstream import (
     put_on_path,
     uncompile_module,
 )
-from asg_kit.rewards.entropy import token_entropy
 
 VARGPT_TRANSFORMERS = "4.46"  # upstream pins 4.46.1; its image processor and RoPE tables break on 5.x
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -495,29 +494,7 @@ class VARGPTAdapter(LoraRoles):
                 pixels.append(vision[id(request.image)])
         ids, mask, pos = self._left_pad(rows, positions)
         hidden = self._hidden(ids, pixels, mask, pos)
-        return self._score_tail(hidden, completions, keep_logits)
-
-    def _score_tail(self, hidden: torch.Tensor, targets: Sequence[Sequence[int]], keep_logits: bool) -> TokenScores:
-        """Score each row's last ``len(target)`` tokens (rows are left-padded)."""
-        longest, width = max(len(t) for t in targets), hidden.shape[1]
-        index = torch.zeros(len(targets), longest, dtype=torch.long, device=hidden.device)
-        mask = torch.zeros(len(targets), longest, dtype=torch.bool, device=hidden.device)
-        target = torch.zeros(len(targets), longest, dtype=torch.long, device=hidden.device)
-        for row, tokens in enumerate(targets):
-            n = len(tokens)
-            index[row, :n] = torch.arange(width - n - 1, width - 1, device=hidden.device)
-            mask[row, :n] = True
-            target[row, :n] = torch.as_tensor(list(tokens), device=hidden.device)
-        logits = self._text_logits(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])))
-        logprobs = torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
-        with torch.no_grad():
-            entropies = token_entropy(logits.detach())
-        return TokenScores(
-            logprobs=logprobs.masked_fill(~mask, 0.0),
-            entropies=entropies.masked_fill(~mask, 0.0),
-            mask=mask,
-            logits=logits.masked_fill(~mask[..., None], 0.0) if keep_logits else None,
-        )
+        return score_tail(hidden, completions, self._text_logits, keep_logits)
 
     def caption(
         self, images: Sequence[Image.Image], prompt: str = CAPTION_PROMPT, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0
