@@ -46,7 +46,7 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.decoding import RowSampler, sample_in_batches
+from asg_kit.adapters.decoding import RowSampler, check_completions, sample_in_batches
 from asg_kit.adapters.roles import LoraRoles
 from asg_kit.adapters.upstream import bagel_autocast, import_bagel
 from asg_kit.rewards.entropy import token_entropy
@@ -534,10 +534,7 @@ class BagelAdapter(LoraRoles):
         """Teacher-forced through the packed training forward: per sample ``[image]``,
         the prompt split, then ``<|im_start|> completion[:-1]`` predicting ``completion``,
         exactly the positions and attention the decode loop had."""
-        if len(requests) != len(completions):
-            raise ValueError(f"{len(requests)} requests but {len(completions)} completions")
-        if any(len(c) == 0 for c in completions):
-            raise ValueError("every completion needs at least one token")
+        check_completions(requests, completions)
         pixels: dict[int, torch.Tensor] = {}
         batch = PackedBatch(self)
         for request, completion in zip(requests, completions):

@@ -52,7 +52,7 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.decoding import RowSampler, common_prefix, sample_in_batches, score_tail
+from asg_kit.adapters.decoding import RowSampler, check_completions, common_prefix, sample_in_batches, score_tail
 from asg_kit.adapters.roles import LoraRoles
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -471,10 +471,7 @@ class Blip3oAdapter(LoraRoles):
     def score_completions(
         self, requests: Sequence[AnswerRequest], completions: Sequence[Sequence[int]], keep_logits: bool = False
     ) -> TokenScores:
-        if len(requests) != len(completions):
-            raise ValueError(f"{len(requests)} requests but {len(completions)} completions")
-        if any(len(c) == 0 for c in completions):
-            raise ValueError("every completion needs at least one token")
+        check_completions(requests, completions)
         encoded = self._image_features([r.image for r in requests])
         embeds, positions = [], []
         for request, completion in zip(requests, completions):

@@ -120,6 +120,14 @@ class RowSampler:
         ]
 
 
+def check_completions(requests: Sequence[AnswerRequest], completions: Sequence[Sequence[int]]) -> None:
+    """What ``score_completions`` needs: one non-empty completion per request."""
+    if len(requests) != len(completions):
+        raise ValueError(f"{len(requests)} requests but {len(completions)} completions")
+    if any(len(c) == 0 for c in completions):
+        raise ValueError("every completion needs at least one token")
+
+
 def score_tail(hidden: torch.Tensor, targets: Sequence[Sequence[int]], head: Callable[[torch.Tensor], torch.Tensor], keep_logits: bool = False) -> TokenScores:
     """Teacher-forced scores of each row's last ``len(target)`` tokens, read from the hidden
     states just before them through ``head`` (rows are left-padded, so every row's targets

@@ -26,7 +26,7 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.decoding import RowSampler, common_prefix, draw_token, left_pad, sample_in_batches, score_tail
+from asg_kit.adapters.decoding import RowSampler, check_completions, common_prefix, draw_token, left_pad, sample_in_batches, score_tail
 from asg_kit.adapters.roles import LoraRoles
 
 JANUS_MIN_TRANSFORMERS = "4.52"
@@ -308,10 +308,7 @@ class JanusAdapter(LoraRoles):
     def score_completions(
         self, requests: Sequence[AnswerRequest], completions: Sequence[Sequence[int]], keep_logits: bool = False
     ) -> TokenScores:
-        if len(requests) != len(completions):
-            raise ValueError(f"{len(requests)} requests but {len(completions)} completions")
-        if any(len(c) == 0 for c in completions):
-            raise ValueError("every completion needs at least one token")
+        check_completions(requests, completions)
         features = self._image_features([r.image for r in requests])
         rows = []
         for request, completion in zip(requests, completions):

@@ -44,7 +44,7 @@ from asg_kit.adapters.base import (
     TextSample,
     TokenScores,
 )
-from asg_kit.adapters.decoding import RowSampler, common_prefix, sample_in_batches, score_tail
+from asg_kit.adapters.decoding import RowSampler, check_completions, common_prefix, sample_in_batches, score_tail
 from asg_kit.adapters.roles import LoraRoles
 from asg_kit.adapters.upstream import (
     UPSTREAMS,
@@ -479,10 +479,7 @@ class VARGPTAdapter(LoraRoles):
     def score_completions(
         self, requests: Sequence[AnswerRequest], completions: Sequence[Sequence[int]], keep_logits: bool = False
     ) -> TokenScores:
-        if len(requests) != len(completions):
-            raise ValueError(f"{len(requests)} requests but {len(completions)} completions")
-        if any(len(c) == 0 for c in completions):
-            raise ValueError("every completion needs at least one token")
+        check_completions(requests, completions)
         vision = self._vision_inputs([r.image for r in requests])
         rows, positions, pixels = [], [], []
         for request, completion in zip(requests, completions):

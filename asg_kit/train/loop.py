@@ -505,15 +505,14 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                     reason = "candidates tie (no preference)" if all(math.isfinite(r) for r in rewards) else "non-finite reward"
                 elif flow_grpo:
                     # 4. Flow-GRPO: each SDE step a Gaussian whose mean the velocity sets; clipped
-                    # ratio to the rollout policy (recomputed on the training path, where the
-                    # update runs) and beta * KL to the reference's Gaussian.
+                    # ratio to the rollout policy (its log-probs taken on the training path, where
+                    # the update runs, not from the sampler) and beta * KL to the reference's Gaussian.
                     rollout = drawn.rollout
                     training_mode(True)
                     with backbone.role("generator"):
                         logprob, mean, std = sde_transitions(rollout.latents, rollout.timesteps, backbone.guided_velocities(rollout), rollout.noise_level)
                     training_mode(False)
-                    with torch.no_grad(), backbone.role("generator"):
-                        old_logprob = sde_transitions(rollout.latents, rollout.timesteps, backbone.guided_velocities(rollout), rollout.noise_level)[0]
+                    old_logprob = logprob.detach()  # one update per rollout: the policy is still the rollout's
                     with torch.no_grad(), backbone.role(None):
                         reference_mean = sde_transitions(rollout.latents, rollout.timesteps, backbone.guided_velocities(rollout), rollout.noise_level)[1]
                     kl = gaussian_mean_kl(mean, reference_mean, std)
