@@ -1,122 +1,424 @@
-"""Does Ask-Solve-Generate improve the micro model with zero labels?
+"""Does Ask-Solve-Generate improve the micro model with zero labels? A multi-seed study.
 
-Trains the shipped micro model on an unlabeled pool (fresh renders, no labels anywhere)
-with the full method and four ablations, then compares each with the base model on
-shapes-VQA and shapes-GenEval (same questions, prompts and seeds). Writes a results table
-(markdown and JSON) and a PNG of reward and benchmark curves over training.
+Trains the shipped micro model on an unlabeled pool (fresh renders, no labels anywhere;
+the same pool for every run) with the full method (``--seeds`` runs, seeds 0, 1, 2 by
+default) and four ablations (``--ablation-seeds`` runs each), and measures the base model
+and each run at ``--evals`` marks on the standard ``asgkit bench`` shapes benchmarks
+(shapes-VQA and shapes-GenEval with ``asgkit bench --backbone micro``'s defaults:
+questions, prompts, images per prompt, guidance, seed), keeping every item's outcome.
 
-Variants: full; no STE (Proposer rewarded and screened by sample entropy only); no cycle
-(R_G without cycle consistency); understanding steps only; generation steps only.
+Variants (``--variants``, comma-separated): full; no_ste (Proposer rewarded and screened by
+sample entropy only); no_cycle (R_G without cycle consistency); understanding_only;
+generation_only.
 
-    python bench/micro_asg.py --out runs/micro_asg            # the README's table
+Writes under ``--out``:
+  pool/                 the unlabeled training images
+  base.json             the base model's evaluation and judge check (cached)
+  <variant>-s<seed>/    one training run each (config, metrics.jsonl, checkpoint) and its
+                        study.json: the evaluation at each mark, the judge check at the end
+  results.json          per variant: seeds, end scores and deltas vs base with 95% CIs
+                        (t over seeds; with one seed the per-item standard error), the
+                        diagnosis, every run's curve
+  results.md            the same as tables
+  diagnosis.md          why (or whether) the goal is met: Solver majority correctness over
+                        training, judge vs detector ranking, what the gates skipped
+  curves.png            VQA and GenEval vs step (mean over seeds with CI band), mean R_G
+
+Resumable: each run's study.json is rewritten atomically after each mark; running the same
+command again skips finished runs, resumes a killed run from its checkpoint and never
+repeats a mark. Settings that change results (steps, lr, evaluation sizes, ...) are
+recorded: a folder made with other settings is refused (use another --out).
+
+Statistics: a share's per-item standard error is sqrt(p(1-p)/n); GenEval's overall (mean
+of 6 category means) has sqrt(sum_c var_c/n_c)/6; a delta against the base model uses the
+same items, so its per-item standard error is the paired one. Across seeds the 95% interval
+is mean +- t(n-1) s/sqrt(n).
+
+Time: the full study (defaults: 7 runs x 600 steps, 2 marks each, base) takes
+TODO(lead: measured time) on 2 CPU cores.
+
+    python bench/micro_asg.py --out runs/micro_asg
+    python bench/micro_asg.py --out runs/micro_asg --variants full --seeds 5
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import sys
+from dataclasses import replace
 from pathlib import Path
 
-from asg_kit.adapters.registry import load_backbone
-from asg_kit.micro import benchmarks
-from asg_kit.micro.pool import write_pool
-from asg_kit.train.loop import TrainConfig, train
+from asg_kit.checks import UserError
+from asg_kit.jsonl import read_jsonl, write_json_atomic
+from asg_kit.micro import diagnostics as diag
 
 VARIANTS = {
-    "full": {},
-    "no STE": {"use_ste": False},
-    "no cycle": {"use_cycle": False},
-    "understanding only": {"generation_per_cycle": 0},
-    "generation only": {"understanding_per_cycle": 0},
+    "full": ("full method", {}),
+    "no_ste": ("without STE (sample entropy only)", {"use_ste": False}),
+    "no_cycle": ("without the cycle term", {"use_cycle": False}),
+    "understanding_only": ("understanding steps only", {"generation_per_cycle": 0}),
+    "generation_only": ("generation steps only", {"understanding_per_cycle": 0}),
 }
+POOL_SEED = 7
+GOAL = {"vqa": 0.03, "geneval": 0.08}  # issue 15: +3 points VQA, +8 points GenEval, CIs excluding zero
+BENCHES = (("vqa", "accuracy", "shapes-VQA"), ("geneval", "overall", "shapes-GenEval"))
 
 
-def evaluate(run: Path | None, args) -> dict:
-    backbone = load_backbone("micro")
-    if run is not None:
-        backbone.load_roles(run / "checkpoint" / "roles")
-    vqa = benchmarks.run_vqa(backbone, benchmarks.vqa_items(args.per_kind, seed=1))
-    gen = benchmarks.run_geneval(backbone, benchmarks.geneval_prompts(args.per_category, seed=1), args.images, args.guidance, seed=1)
-    return {"vqa": vqa.accuracy, "vqa_per_kind": vqa.per_kind, "geneval": gen.overall, "geneval_per_category": gen.categories}
+def say(line: str) -> None:
+    print(line, flush=True)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/micro_asg")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--evals", type=int, default=3, help="evaluations during training (plus the base model)")
-    parser.add_argument("--pool", type=int, default=500, help="unlabeled images to train on")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--per-kind", type=int, default=25)
-    parser.add_argument("--per-category", type=int, default=6)
-    parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pool = out / "pool"
-    if not pool.is_dir():
-        write_pool(args.pool, pool, seed=7)
+    parser.add_argument("--out", default="runs/micro_asg", help="study folder (default: %(default)s)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--seeds", type=int, default=3, help="runs of the full method, seeds 0..N-1 (default: %(default)s)")
+    parser.add_argument("--ablation-seeds", type=int, default=1, help="runs of each ablation, seeds 0..N-1 (default: %(default)s)")
+    parser.add_argument("--evals", type=int, default=2, help="evaluations per run, evenly spaced, the last at the end (default: %(default)s; the base is step 0)")
+    train = parser.add_argument_group("training (the same for every run; a run's seed is its TrainConfig seed)")
+    train.add_argument("--steps", type=int, default=600, help="training steps per run (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=2e-4, help="learning rate (default: %(default)s)")
+    train.add_argument("--guidance", type=float, default=5.0, help="the Generator's guidance during training and in the judge check (default: %(default)s)")
+    train.add_argument("--pool", type=int, default=500, help="unlabeled images to train on (default: %(default)s)")
+    train.add_argument("--solver-tokens", type=int, default=12, help="Solver answer token limit (default: %(default)s)")
+    train.add_argument("--proposer-tokens", type=int, default=24, help="Proposer question token limit (default: %(default)s)")
+    train.add_argument("--spec-tokens", type=int, default=48, help="Proposer spec token limit (default: %(default)s)")
+    evaluation = parser.add_argument_group("evaluation (default: asgkit bench's own defaults; smaller only for quick checks)")
+    evaluation.add_argument("--per-kind", type=int, default=None, help="shapes-VQA questions per kind")
+    evaluation.add_argument("--per-category", type=int, default=None, help="shapes-GenEval prompts per category")
+    evaluation.add_argument("--images", type=int, default=None, help="shapes-GenEval images per prompt")
+    evaluation.add_argument("--judge-prompts", type=int, default=24, help="shapes-GenEval prompts for the judge-vs-detector check at the end of each run and for the base (0: skip; default: %(default)s)")
+    evaluation.add_argument("--bin", type=int, default=100, help="steps per bin of the Solver-majority diagnosis (default: %(default)s)")
+    args = parser.parse_args(argv)
+    for name in ("seeds", "ablation_seeds", "evals", "steps", "pool", "bin", "solver_tokens", "proposer_tokens", "spec_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("per_kind", "per_category", "images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.judge_prompts < 0:
+        parser.error("--judge-prompts must be 0 or more")
+    if not args.lr > 0:
+        parser.error("--lr must be positive")
+    if args.evals > args.steps:
+        parser.error(f"--evals {args.evals} is more than --steps {args.steps}")
+    variants = [v.strip().replace(" ", "_").replace("-", "_") for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    args.variants = list(dict.fromkeys(variants))
+    return args
 
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if "base" not in results:
-        results["base"] = {"curve": [{"step": 0, **evaluate(None, args)}]}
-        results_path.write_text(json.dumps(results, indent=2))
-    marks = [round(args.steps * (i + 1) / args.evals) for i in range(args.evals)]
-    for name in args.variants.split(","):
-        if name in results and results[name]["curve"][-1]["step"] == args.steps:
+
+def bench_config(args):
+    from asg_kit.bench.run import BenchConfig
+
+    bench = BenchConfig(backbone="micro")
+    sizes = {"per_kind": args.per_kind, "per_category": args.per_category, "shapes_images": args.images}
+    return replace(bench, **{k: v for k, v in sizes.items() if v is not None})
+
+
+def marks_of(steps: int, evals: int) -> list[int]:
+    return sorted({round(steps * (i + 1) / evals) for i in range(evals)})
+
+
+def train_config(args, variant: str, seed: int, folder: Path, pool: Path, marks: list[int]):
+    from asg_kit.train.loop import TrainConfig
+
+    return TrainConfig(backbone="micro", images=str(pool), out=str(folder), steps=args.steps, lr=args.lr, seed=seed,
+                       guidance_scale=args.guidance, solver_max_new_tokens=args.solver_tokens, proposer_max_new_tokens=args.proposer_tokens,
+                       spec_max_new_tokens=args.spec_tokens, checkpoint_every=math.gcd(*marks), **VARIANTS[variant][1])  # fmt: skip
+
+
+def load_backbone(roles: Path | None):
+    from asg_kit.adapters.registry import load_backbone as load
+    from asg_kit.devices import default_device
+
+    device = default_device()
+    backbone = load("micro", **({"device": device} if device else {}))
+    if roles is not None:
+        backbone.load_roles(roles)
+    return backbone
+
+
+def judge_sample(bench, count: int) -> list[dict]:
+    from asg_kit.micro import benchmarks
+
+    metadata = benchmarks.geneval_prompts(bench.per_category, bench.seed)
+    count = min(count, len(metadata))
+    return [metadata[i * len(metadata) // count] for i in range(count)]
+
+
+def judge_check(backbone, args, bench, use_cycle: bool, role: str | None) -> dict:
+    return diag.judge_detector_agreement(backbone, judge_sample(bench, args.judge_prompts), guidance_scale=args.guidance,
+                                         seed=bench.seed, use_cycle=use_cycle, generator_role=role)  # fmt: skip
+
+
+def read_cached(path: Path, settings: dict) -> dict | None:
+    import json
+
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("settings") != settings:
+        raise UserError(f"{path} was made with other settings ({_differences(data.get('settings') or {}, settings)}); pass another --out, or the same settings again")
+    return data
+
+
+def _differences(saved: dict, asked: dict) -> str:
+    return ", ".join(f"{k}={saved.get(k)!r} (asked {asked.get(k)!r})" for k in sorted(set(saved) | set(asked)) if saved.get(k) != asked.get(k))
+
+
+def base_evaluation(args, bench, out: Path) -> dict:
+    path = out / "base.json"
+    settings = {"eval": diag.bench_settings(bench), "judge_prompts": args.judge_prompts, "guidance": args.guidance}
+    base = read_cached(path, settings) or {"settings": settings}
+    if "point" not in base:
+        base["point"] = {"step": 0, **diag.evaluate_shapes(load_backbone(None), bench, None, None)}
+        write_json_atomic(path, base)
+    say(f"base  step 0  {progress(base['point'])}")
+    if args.judge_prompts and "judge" not in base:
+        base["judge"] = judge_check(load_backbone(None), args, bench, True, None)
+        write_json_atomic(path, base)
+    return base
+
+
+def progress(point: dict) -> str:
+    return f"shapes-VQA {100 * point['vqa']['accuracy']:.1f} (±{100 * point['vqa']['se']:.1f})  shapes-GenEval {100 * point['geneval']['overall']:.1f} (±{100 * point['geneval']['se']:.1f})"
+
+
+def run_one(args, bench, out: Path, pool: Path, variant: str, seed: int) -> dict:
+    """Train and measure one (variant, seed) run up to where it is finished; return its study."""
+    from asg_kit.train.loop import checkpoint_step, train
+
+    marks = marks_of(args.steps, args.evals)
+    folder = out / f"{variant}-s{seed}"
+    config = train_config(args, variant, seed, folder, pool, marks)
+    settings = {"variant": variant, "seed": seed, "marks": marks, "eval": diag.bench_settings(bench), "judge_prompts": args.judge_prompts,
+                **{k: getattr(config, k) for k in ("steps", "lr", "guidance_scale", "solver_max_new_tokens", "proposer_max_new_tokens", "spec_max_new_tokens")},
+                "pool": args.pool, "pool_seed": POOL_SEED}  # fmt: skip
+    path = folder / "study.json"
+    study = read_cached(path, settings) or {"settings": settings, "points": [], "missed": []}
+    name = folder.name
+    for mark in marks:
+        if any(p["step"] == mark for p in study["points"]) or mark in study["missed"]:
             continue
-        config = TrainConfig(backbone="micro", images=str(pool), out=str(out / name.replace(" ", "_")), steps=args.steps, lr=args.lr,
-                             guidance_scale=args.guidance, solver_max_new_tokens=12, proposer_max_new_tokens=24, spec_max_new_tokens=48,
-                             checkpoint_every=max(1, args.steps // args.evals), **VARIANTS[name])  # fmt: skip
-        curve = [{"step": 0, **results["base"]["curve"][0]}]
-        done = 0
-        for mark in marks:
-            train(config, resume=done > 0, stop_after=mark - done)
-            done = mark
-            curve.append({"step": mark, **evaluate(Path(config.out), args)})
-            print(name, curve[-1]["step"], f"VQA {curve[-1]['vqa']:.3f}", f"GenEval {curve[-1]['geneval']:.3f}", flush=True)
-        rows = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
-        results[name] = {"curve": curve, "metrics": rows}
-        results_path.write_text(json.dumps(results, indent=2))
-
-    lines = ["| variant | shapes-VQA | Δ | shapes-GenEval | Δ |", "|---|---|---|---|---|"]
-    base = results["base"]["curve"][0]
-    lines.append(f"| base micro model | {base['vqa']:.3f} | | {base['geneval']:.3f} | |")
-    for name in VARIANTS:
-        if name in results:
-            end = results[name]["curve"][-1]
-            lines.append(f"| {name} ({end['step']} steps) | {end['vqa']:.3f} | {end['vqa'] - base['vqa']:+.3f} | {end['geneval']:.3f} | {end['geneval'] - base['geneval']:+.3f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot(results, out / "curves.png")
+        at = checkpoint_step(folder)
+        if at > mark:  # a kill lost this mark's results after training went past it: it cannot be measured any more
+            say(f"{name}  step {mark}  not measured (its checkpoint is at step {at} already)")
+            study["missed"].append(mark)
+            write_json_atomic(path, study)
+            continue
+        if at < mark:
+            train(config, resume=(folder / "config.json").is_file(), stop_after=mark - at)
+            if checkpoint_step(folder) != mark:
+                raise RuntimeError(f"{folder}: training to step {mark} left its checkpoint at step {checkpoint_step(folder)}")
+        point = {"step": mark, **diag.evaluate_shapes(load_backbone(folder / "checkpoint" / "roles"), bench)}
+        study["points"] = sorted([*study["points"], point], key=lambda p: p["step"])
+        write_json_atomic(path, study)
+        say(f"{name}  step {mark}  {progress(point)}")
+    if args.judge_prompts and "judge" not in study:
+        backbone = load_backbone(folder / "checkpoint" / "roles")
+        study["judge"] = judge_check(backbone, args, bench, VARIANTS[variant][1].get("use_cycle", True), "generator")
+        write_json_atomic(path, study)
+        say(f"{name}  judge vs detector: pairwise agreement {_fmt(study['judge']['pairwise_agreement'])}")
+    return study
 
 
-def plot(results: dict, path: Path) -> None:
+# ---- report ------------------------------------------------------------------------------------
+
+
+def end_point(study: dict) -> dict | None:
+    end = study["settings"]["marks"][-1]
+    return next((p for p in study["points"] if p["step"] == end), None)
+
+
+def summarize_variant(studies: list[dict], base_point: dict) -> dict:
+    """End scores and deltas vs the base with 95% intervals: t over seeds, or with one seed
+    the per-item (paired, for the delta) standard error."""
+    ends = [(s["settings"]["seed"], end_point(s)) for s in studies]
+    ends = [(seed, p) for seed, p in ends if p is not None]
+    row: dict = {"seeds": [seed for seed, _ in ends], "n": len(ends)}
+    for key, metric, _ in BENCHES:
+        values = [p[key][metric] for _, p in ends]
+        deltas = [v - base_point[key][metric] for v in values]
+        if len(ends) >= 2:
+            end, delta = diag.mean_ci(values), diag.mean_ci(deltas)
+        elif len(ends) == 1:
+            point = ends[0][1]
+            if key == "vqa":
+                paired = diag.paired_se(point[key]["correct"], base_point[key]["correct"])
+            else:
+                paired = diag.paired_category_means_se(point[key]["correct"], base_point[key]["correct"], point[key]["tags"])
+            end = diag.normal_interval(values[0], point[key]["se"])
+            delta = diag.normal_interval(deltas[0], paired, "paired per-item SE")
+        else:
+            continue
+        row[key] = {"end": vars(end), "delta": vars(delta), "per_seed": values,
+                    "goal_met": delta.mean >= GOAL[key] and delta.excludes_zero(), "goal": GOAL[key]}  # fmt: skip
+    return row
+
+
+def diagnose(args, out: Path, base: dict, studies: dict[str, list[dict]]) -> dict:
+    from asg_kit.micro.pool import pool_scenes
+
+    scenes = pool_scenes(args.pool, POOL_SEED)
+    result: dict = {"base_judge": base.get("judge"), "variants": {}}
+    for variant, runs in studies.items():
+        entries = []
+        for study in runs:
+            folder = out / f"{variant}-s{study['settings']['seed']}"
+            rows = [row for _, row in read_jsonl(folder / "metrics.jsonl")] if (folder / "metrics.jsonl").is_file() else []
+            judge = study.get("judge")
+            entries.append({"seed": study["settings"]["seed"], "steps": len(rows), "solver_majority": diag.solver_majority_truth(rows, scenes, args.bin),
+                            "skips": diag.skip_counts(rows), "judge": {k: v for k, v in judge.items() if k != "per_prompt"} if judge else None})  # fmt: skip
+        result["variants"][variant] = entries
+    return result
+
+
+def _fmt(value, scale: float = 1.0, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{scale * value:.{digits}f}"
+
+
+def _interval(entry: dict, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    text = f"{100 * entry['mean']:{sign}.1f}"
+    if entry["low"] is None:
+        return text + " (n=1, no interval)"
+    return text + f" [{100 * entry['low']:{sign}.1f}, {100 * entry['high']:{sign}.1f}]" + (" (n=1, per-item SE)" if entry["n"] == 1 else "")
+
+
+def write_report(args, out: Path, base: dict, studies: dict[str, list[dict]]) -> dict:
+    rows = {variant: summarize_variant(runs, base["point"]) for variant, runs in studies.items()}
+    diagnosis = diagnose(args, out, base, studies)
+    bp = base["point"]
+    results = {
+        "settings": {"steps": args.steps, "lr": args.lr, "guidance": args.guidance, "pool": args.pool, "marks": marks_of(args.steps, args.evals),
+                     "eval": base["settings"]["eval"]},
+        "goal": {"vqa_delta": GOAL["vqa"], "geneval_delta": GOAL["geneval"], "rule": "mean delta at least the goal and its 95% CI excluding zero"},
+        "base": {"vqa": bp["vqa"]["accuracy"], "vqa_se": bp["vqa"]["se"], "vqa_per_kind": bp["vqa"]["per_kind"],
+                 "geneval": bp["geneval"]["overall"], "geneval_se": bp["geneval"]["se"], "geneval_per_category": bp["geneval"]["categories"]},
+        "variants": rows,
+        "diagnosis": diagnosis,
+        "curves": {variant: [{"seed": s["settings"]["seed"], "points": [{"step": 0, "vqa": bp["vqa"]["accuracy"], "geneval": bp["geneval"]["overall"]}]
+                              + [{"step": p["step"], "vqa": p["vqa"]["accuracy"], "vqa_per_kind": p["vqa"]["per_kind"], "vqa_se": p["vqa"]["se"],
+                                  "geneval": p["geneval"]["overall"], "geneval_per_category": p["geneval"]["categories"], "geneval_se": p["geneval"]["se"]}
+                                 for p in s["points"]]} for s in runs] for variant, runs in studies.items()},
+    }  # fmt: skip
+    write_json_atomic(out / "results.json", results)
+    lines = [
+        f"Evaluation: `asgkit bench` shapes defaults ({base['settings']['eval']}); {args.steps} steps, lr {args.lr}, pool {args.pool}.",
+        "Points; 95% CI: t over seeds, or with n=1 the per-item standard error (paired for the delta).",
+        "",
+        "| variant | n | shapes-VQA end | Δ VQA | shapes-GenEval end | Δ GenEval | goal met (VQA / GenEval) |",
+        "|---|---|---|---|---|---|---|",
+        f"| base micro model | | {100 * bp['vqa']['accuracy']:.1f} ± {100 * bp['vqa']['se']:.1f} (SE, {bp['vqa']['n']} questions) | | "
+        f"{100 * bp['geneval']['overall']:.1f} ± {100 * bp['geneval']['se']:.1f} (SE, {bp['geneval']['n']} images) | | |",
+    ]  # fmt: skip
+    for variant, row in rows.items():
+        if "vqa" not in row:
+            lines.append(f"| {VARIANTS[variant][0]} | 0 | not finished | | | | |")
+            continue
+        v, g = row["vqa"], row["geneval"]
+        lines.append(f"| {VARIANTS[variant][0]} | {row['n']} | {_interval(v['end'])} | {_interval(v['delta'], True)} | {_interval(g['end'])} | "
+                     f"{_interval(g['delta'], True)} | {'yes' if v['goal_met'] else 'no'} / {'yes' if g['goal_met'] else 'no'} |")  # fmt: skip
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "diagnosis.md").write_text(diagnosis_markdown(rows, diagnosis), encoding="utf-8")
+    plot(results, studies, out, out / "curves.png")
+    say("\n".join(lines))
+    return results
+
+
+def diagnosis_markdown(rows: dict, diagnosis: dict) -> str:
+    met = [VARIANTS[v][0] for v, r in rows.items() if r.get("vqa", {}).get("goal_met") and r.get("geneval", {}).get("goal_met")]
+    lines = ["# Diagnosis", "", f"Goal (+{100 * GOAL['vqa']:.0f} points shapes-VQA, +{100 * GOAL['geneval']:.0f} points shapes-GenEval, 95% CIs excluding zero): "
+             + (f"met by {', '.join(met)}." if met else "met by no variant."), ""]  # fmt: skip
+    lines += ["## Is the Solver's majority answer right? (what the Solver reward pays)", "",
+              "Questions the Proposer asked that parse as one of the world's question templates, answered from the pool's ground truth.", "",
+              "| variant | seed | steps | questions | parsable | majority right | greedy right | majority right per bin |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for variant, entries in diagnosis["variants"].items():
+        for e in entries:
+            o = e["solver_majority"]["overall"]
+            per_bin = " ".join(f"{b['steps'][0]}:{_fmt(b['majority_right_rate'], 100, 0)}" for b in e["solver_majority"]["bins"])
+            lines.append(f"| {VARIANTS[variant][0]} | {e['seed']} | {e['steps']} | {o['questions']} | {_fmt(o['parsable_share'], 100, 0)}% | "
+                         f"{_fmt(o['majority_right_rate'], 100, 0)}% | {_fmt(o['greedy_right_rate'], 100, 0)}% | {per_bin} |")  # fmt: skip
+    lines += ["", "## Does the judge rank candidates as the detector does? (what the Generator reward pays)", "",
+              "Over candidate pairs of a prompt that the detector separates (one right, one wrong): the share the judge orders the same way (ties half).", "",
+              "| model | prompts | separated pairs | agreement | judge ties | judge's top right | mean candidate right |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    judged = [("base micro model", diagnosis.get("base_judge"))] + [(f"{VARIANTS[v][0]} s{e['seed']}", e["judge"]) for v, es in diagnosis["variants"].items() for e in es]
+    for label, j in judged:
+        if j:
+            lines.append(f"| {label} | {j['prompts']} | {j['separated_pairs']} | {_fmt(j['pairwise_agreement'], 100, 0)}% | {j['judge_ties']} | "
+                         f"{_fmt(j['top_candidate_right'], 100, 0)}% | {_fmt(j['mean_candidate_right'], 100, 0)}% |")  # fmt: skip
+    lines += ["", "## What the gates skipped", "", "| variant | seed | solver | proposer | generator | buckets |", "|---|---|---|---|---|---|"]
+    for variant, entries in diagnosis["variants"].items():
+        for e in entries:
+            s = e["skips"]
+            cell = lambda counts: ", ".join(f"{k}: {n}" for k, n in counts.items()) or "-"  # noqa: E731
+            lines.append(f"| {VARIANTS[variant][0]} | {e['seed']} | {cell(s['solver'])} | {cell(s['proposer'])} | {cell(s['generator'])} | {cell(s['bucket'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, studies: dict[str, list[dict]], out: Path, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, result in results.items():
-        if name == "base":
-            continue
-        curve = result["curve"]
-        axes[0].plot([c["step"] for c in curve], [c["vqa"] for c in curve], marker="o", label=name)
-        axes[1].plot([c["step"] for c in curve], [c["geneval"] for c in curve], marker="o", label=name)
-        rewards = [(r["step"], sum(r["generation_rewards"]) / len(r["generation_rewards"])) for r in result["metrics"] if r.get("generation_rewards")]
-        if rewards:
-            axes[2].plot(*zip(*rewards), ".", alpha=0.6, label=name)
-    for axis, title in zip(axes, ("shapes-VQA accuracy", "shapes-GenEval overall", "mean R_G of the Generator's candidates")):
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    base = results["base"]
+    for index, (variant, curves) in enumerate(results["curves"].items()):
+        color = f"C{index}"
+        label = VARIANTS[variant][0]
+        for axis, key in zip(axes, ("vqa", "geneval")):
+            steps = sorted({p["step"] for c in curves for p in c["points"]})
+            by_step = [[p[key] for c in curves for p in c["points"] if p["step"] == step] for step in steps]
+            if len(curves) >= 2:
+                intervals = [diag.mean_ci(v) for v in by_step]
+                axis.plot(steps, [100 * i.mean for i in intervals], marker="o", color=color, label=f"{label} (mean of {len(curves)} seeds, 95% CI)")
+                band = [(s, i) for s, i in zip(steps, intervals) if i.low is not None]
+                if band:
+                    axis.fill_between([s for s, _ in band], [100 * i.low for _, i in band], [100 * i.high for _, i in band], color=color, alpha=0.2)
+            else:
+                axis.plot(steps, [100 * sum(v) / len(v) for v in by_step], marker="o", color=color, label=label)
+        for study in studies[variant]:
+            folder = out / f"{variant}-s{study['settings']['seed']}"
+            if (folder / "metrics.jsonl").is_file():
+                rewards = diag.mean_generation_rewards([row for _, row in read_jsonl(folder / "metrics.jsonl")])
+                if rewards:
+                    axes[2].plot(*zip(*rewards), ".", color=color, alpha=0.5, label=f"{label} s{study['settings']['seed']}")
+    axes[0].axhline(100 * base["vqa"], color="gray", linestyle="--", label="base")
+    axes[1].axhline(100 * base["geneval"], color="gray", linestyle="--", label="base")
+    for axis, title in zip(axes, ("shapes-VQA accuracy (points)", "shapes-GenEval overall (points)", "mean R_G of the Generator's candidates")):
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from asg_kit.micro.pool import write_pool
+
+    args = parse_args(argv)
+    bench = bench_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pool = out / "pool"
+    write_pool(args.pool, pool, seed=POOL_SEED)  # keeps the files already there when they are this pool's
+    base = base_evaluation(args, bench, out)
+    studies: dict[str, list[dict]] = {}
+    for variant in args.variants:
+        seeds = args.seeds if variant == "full" else args.ablation_seeds
+        studies[variant] = [run_one(args, bench, out, pool, variant, seed) for seed in range(seeds)]
+    return write_report(args, out, base, studies)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -11,6 +11,16 @@ from asg_kit.checks import UserError, check_output_folder, check_positive, check
 IMAGE_SIZES = (8, 1024)
 
 
+def pool_scenes(count: int, seed: int = 0) -> list:
+    """The scenes ``write_pool`` renders for ``count`` and ``seed``: image ``i`` (file
+    ``{i:06d}.png``) shows ``pool_scenes(...)[i]``. For measuring a run against the ground
+    truth afterwards; a trainer never sees them (the pool is unlabeled)."""
+    from asg_kit.micro import world
+
+    rng = random.Random(f"pool-{seed}")
+    return [world.sample_scene(rng) for _ in range(count)]
+
+
 def write_pool(count: int, folder: str | Path, seed: int = 0, image_size: int = 64, progress: Callable[[int], None] = lambda n: None) -> list[Path]:
     """Write ``count`` fresh renders as PNG with nothing else: no prompt, caption or label
     anywhere, names carry only an index.
@@ -31,8 +41,7 @@ def write_pool(count: int, folder: str | Path, seed: int = 0, image_size: int = 
         raise UserError(f"--image-size {image_size}: use {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels")
     folder = Path(folder)
     check_output_folder("FOLDER", folder)
-    rng = random.Random(f"pool-{seed}")
-    scenes = [world.sample_scene(rng) for _ in range(count)]
+    scenes = pool_scenes(count, seed)
     paths = [folder / f"{index:06d}.png" for index in range(count)]
     kept = set()
     for path, scene in zip(paths, scenes):
