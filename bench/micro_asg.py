@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--lr must be positive")
     if args.evals > args.steps:
         parser.error(f"--evals {args.evals} is more than --steps {args.steps}")
-    variants = [v.strip().replace(" ", "_").replace("-", "_") for v in args.variants.split(",") if v.strip()]
+    variants = [v.strip().lower().replace(" ", "_").replace("-", "_") for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         parser.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
