@@ -46,6 +46,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -188,6 +190,13 @@ def progress(point: dict) -> str:
     return f"shapes-VQA {100 * point['vqa']['accuracy']:.1f} (±{100 * point['vqa']['se']:.1f})  shapes-GenEval {100 * point['geneval']['overall']:.1f} (±{100 * point['geneval']['se']:.1f})"
 
 
+def run_settings(args, bench, variant: str, seed: int, config) -> dict:
+    """What decides a run's results (recorded in its study.json, compared on every call)."""
+    return {"variant": variant, "seed": seed, "marks": marks_of(args.steps, args.evals), "eval": diag.bench_settings(bench), "judge_prompts": args.judge_prompts,
+            **{k: getattr(config, k) for k in ("steps", "lr", "guidance_scale", "solver_max_new_tokens", "proposer_max_new_tokens", "spec_max_new_tokens")},
+            "pool": args.pool, "pool_seed": POOL_SEED}  # fmt: skip
+
+
 def run_one(args, bench, out: Path, pool: Path, variant: str, seed: int) -> dict:
     """Train and measure one (variant, seed) run up to where it is finished; return its study."""
     from asg_kit.train.loop import checkpoint_step, train
@@ -195,12 +204,13 @@ def run_one(args, bench, out: Path, pool: Path, variant: str, seed: int) -> dict
     marks = marks_of(args.steps, args.evals)
     folder = out / f"{variant}-s{seed}"
     config = train_config(args, variant, seed, folder, pool, marks)
-    settings = {"variant": variant, "seed": seed, "marks": marks, "eval": diag.bench_settings(bench), "judge_prompts": args.judge_prompts,
-                **{k: getattr(config, k) for k in ("steps", "lr", "guidance_scale", "solver_max_new_tokens", "proposer_max_new_tokens", "spec_max_new_tokens")},
-                "pool": args.pool, "pool_seed": POOL_SEED}  # fmt: skip
+    settings = run_settings(args, bench, variant, seed, config)
     path = folder / "study.json"
     study = read_cached(path, settings) or {"settings": settings, "points": [], "missed": []}
     name = folder.name
+    if all(any(p["step"] == m for p in study["points"]) or m in study["missed"] for m in marks) and ("judge" in study or not args.judge_prompts):
+        say(f"{name}  finished, kept from {path}")
+        return study
     for mark in marks:
         if any(p["step"] == mark for p in study["points"]) or mark in study["missed"]:
             continue
@@ -210,15 +220,21 @@ def run_one(args, bench, out: Path, pool: Path, variant: str, seed: int) -> dict
             study["missed"].append(mark)
             write_json_atomic(path, study)
             continue
+        began = time.time()
         if at < mark:
+            say(f"{name}  training steps {at}..{mark - 1}" + (" (resumed from its checkpoint)" if at else ""))
             train(config, resume=(folder / "config.json").is_file(), stop_after=mark - at)
             if checkpoint_step(folder) != mark:
                 raise RuntimeError(f"{folder}: training to step {mark} left its checkpoint at step {checkpoint_step(folder)}")
+        trained = time.time()
         point = {"step": mark, **diag.evaluate_shapes(load_backbone(folder / "checkpoint" / "roles"), bench)}
+        point["seconds"] = {"training": trained - began, "evaluation": time.time() - trained}  # training: this call's steps only
         study["points"] = sorted([*study["points"], point], key=lambda p: p["step"])
         write_json_atomic(path, study)
-        say(f"{name}  step {mark}  {progress(point)}")
+        say(f"{name}  step {mark}  {progress(point)}  ({trained - began:.0f} s training, {time.time() - trained:.0f} s evaluation)")
     if args.judge_prompts and "judge" not in study:
+        if checkpoint_step(folder) != marks[-1]:
+            raise RuntimeError(f"{folder}: the judge check needs the checkpoint at step {marks[-1]}, it is at step {checkpoint_step(folder)}")
         backbone = load_backbone(folder / "checkpoint" / "roles")
         study["judge"] = judge_check(backbone, args, bench, VARIANTS[variant][1].get("use_cycle", True), "generator")
         write_json_atomic(path, study)
@@ -309,7 +325,8 @@ def write_report(args, out: Path, base: dict, studies: dict[str, list[dict]]) ->
     write_json_atomic(out / "results.json", results)
     lines = [
         f"Evaluation: `asgkit bench` shapes defaults ({base['settings']['eval']}); {args.steps} steps, lr {args.lr}, pool {args.pool}.",
-        "Points; 95% CI: t over seeds, or with n=1 the per-item standard error (paired for the delta).",
+        "Points; 95% CI: t over seeds, or with n=1 the per-item standard error (paired for the delta). Over seeds, the delta's interval"
+        " holds the base fixed (one measurement on the same items), so it shows training variance, not item sampling.",
         "",
         "| variant | n | shapes-VQA end | Δ VQA | shapes-GenEval end | Δ GenEval | goal met (VQA / GenEval) |",
         "|---|---|---|---|---|---|---|",
@@ -334,6 +351,7 @@ def diagnosis_markdown(rows: dict, diagnosis: dict) -> str:
     met = [VARIANTS[v][0] for v, r in rows.items() if r.get("vqa", {}).get("goal_met") and r.get("geneval", {}).get("goal_met")]
     lines = ["# Diagnosis", "", f"Goal (+{100 * GOAL['vqa']:.0f} points shapes-VQA, +{100 * GOAL['geneval']:.0f} points shapes-GenEval, 95% CIs excluding zero): "
              + (f"met by {', '.join(met)}." if met else "met by no variant."), ""]  # fmt: skip
+    lines += ["## In numbers", ""] + diagnosis_summary(diagnosis) + [""]
     lines += ["## Is the Solver's majority answer right? (what the Solver reward pays)", "",
               "Questions the Proposer asked that parse as one of the world's question templates, answered from the pool's ground truth.", "",
               "| variant | seed | steps | questions | parsable | majority right | greedy right | majority right per bin |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -360,6 +378,51 @@ def diagnosis_markdown(rows: dict, diagnosis: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def diagnosis_summary(diagnosis: dict) -> list[str]:
+    """One line per measurement and variant, pooled over its seeds: numbers, no verdicts."""
+    lines = []
+    for variant, entries in diagnosis["variants"].items():
+        label = VARIANTS[variant][0]
+        bins: dict[int, list[int]] = {}
+        for e in entries:
+            for b in e["solver_majority"]["bins"]:
+                pooled = bins.setdefault(b["steps"][0], [0, 0])
+                pooled[0] += b["majority_right"]
+                pooled[1] += b["parsable"]
+        asked = sum(e["solver_majority"]["overall"]["questions"] for e in entries)
+        parsable = sum(pooled[1] for pooled in bins.values())
+        right = sum(pooled[0] for pooled in bins.values())
+        if parsable:
+            first, last = bins[min(bins)], bins[max(bins)]
+            lines.append(f"- {label}: the Solver's majority answer was right on {100 * right / parsable:.0f}% of {parsable} parsable questions "
+                         f"({100 * parsable / asked:.0f}% of {asked} asked); {_rate(first)} in the first bin, {_rate(last)} in the last.")  # fmt: skip
+        generator = Counter()
+        for e in entries:
+            generator.update(e["skips"]["generator"])
+        if generator:
+            total = sum(generator.values())
+            skipped = [(reason, n) for reason, n in generator.most_common() if reason != "updated"]
+            lines.append(f"- {label}: the Generator updated on {generator.get('updated', 0)} of {total} generation steps"
+                         + (f"; most skipped: {skipped[0][0]} ({skipped[0][1]})." if skipped else "."))  # fmt: skip
+        judged = [e["judge"] for e in entries if e.get("judge")]
+        pairs = sum(j["separated_pairs"] for j in judged)
+        if pairs:
+            agreement = sum(j["judge_agrees"] + 0.5 * j["judge_ties"] for j in judged) / pairs
+            top = sum(j["top_candidate_right"] * j["prompts"] for j in judged) / sum(j["prompts"] for j in judged)
+            mean = sum(j["mean_candidate_right"] * j["prompts"] for j in judged) / sum(j["prompts"] for j in judged)
+            lines.append(f"- {label} (end): the judge ordered {100 * agreement:.0f}% of {pairs} detector-separated candidate pairs as the detector does "
+                         f"(50% is chance); its top candidate was right {100 * top:.0f}% of the time, the mean candidate {100 * mean:.0f}%.")  # fmt: skip
+    base = diagnosis.get("base_judge")
+    if base and base["separated_pairs"]:
+        lines.append(f"- base micro model: judge-detector agreement {_fmt(base['pairwise_agreement'], 100, 0)}% of {base['separated_pairs']} pairs; "
+                     f"top candidate right {_fmt(base['top_candidate_right'], 100, 0)}%, mean candidate {_fmt(base['mean_candidate_right'], 100, 0)}%.")  # fmt: skip
+    return lines or ["- no finished run to measure"]
+
+
+def _rate(pooled: list[int]) -> str:
+    return f"{100 * pooled[0] / pooled[1]:.0f}% of {pooled[1]}" if pooled[1] else "none parsable"
+
+
 def plot(results: dict, studies: dict[str, list[dict]], out: Path, path: Path) -> None:
     import matplotlib
 
@@ -382,12 +445,19 @@ def plot(results: dict, studies: dict[str, list[dict]], out: Path, path: Path) -
                     axis.fill_between([s for s, _ in band], [100 * i.low for _, i in band], [100 * i.high for _, i in band], color=color, alpha=0.2)
             else:
                 axis.plot(steps, [100 * sum(v) / len(v) for v in by_step], marker="o", color=color, label=label)
+        pooled: list[tuple[int, float]] = []
         for study in studies[variant]:
             folder = out / f"{variant}-s{study['settings']['seed']}"
             if (folder / "metrics.jsonl").is_file():
-                rewards = diag.mean_generation_rewards([row for _, row in read_jsonl(folder / "metrics.jsonl")])
-                if rewards:
-                    axes[2].plot(*zip(*rewards), ".", color=color, alpha=0.5, label=f"{label} s{study['settings']['seed']}")
+                pooled += diag.mean_generation_rewards([row for _, row in read_jsonl(folder / "metrics.jsonl")])
+        if pooled:
+            axes[2].plot(*zip(*pooled), ".", color=color, alpha=0.25, markersize=3)
+            width = max(1, results["settings"]["steps"] // 12)
+            bins: dict[int, list[float]] = {}
+            for step, reward in pooled:
+                bins.setdefault(step // width, []).append(reward)
+            axes[2].plot([(b + 0.5) * width for b in sorted(bins)], [sum(bins[b]) / len(bins[b]) for b in sorted(bins)], color=color,
+                         label=f"{label} (per {width} steps, all seeds)")  # fmt: skip
     axes[0].axhline(100 * base["vqa"], color="gray", linestyle="--", label="base")
     axes[1].axhline(100 * base["geneval"], color="gray", linestyle="--", label="base")
     for axis, title in zip(axes, ("shapes-VQA accuracy (points)", "shapes-GenEval overall (points)", "mean R_G of the Generator's candidates")):
@@ -409,11 +479,36 @@ def main(argv: list[str] | None = None) -> dict:
     pool = out / "pool"
     write_pool(args.pool, pool, seed=POOL_SEED)  # keeps the files already there when they are this pool's
     base = base_evaluation(args, bench, out)
+    began = time.time()
     studies: dict[str, list[dict]] = {}
     for variant in args.variants:
         seeds = args.seeds if variant == "full" else args.ablation_seeds
         studies[variant] = [run_one(args, bench, out, pool, variant, seed) for seed in range(seeds)]
-    return write_report(args, out, base, studies)
+    for variant in VARIANTS:  # runs of other variants made earlier in this folder with these settings join the report
+        if variant not in studies:
+            found = finished_runs(args, bench, out, variant)
+            if found:
+                say(f"{variant}: {len(found)} finished run(s) found in {out}, added to the report")
+                studies[variant] = found
+    studies = {variant: studies[variant] for variant in VARIANTS if variant in studies}
+    results = write_report(args, out, base, studies)
+    say(f"study took {time.time() - began:.0f} s in this call")
+    return results
+
+
+def finished_runs(args, bench, out: Path, variant: str) -> list[dict]:
+    """The finished runs of ``variant`` in ``out`` made with this call's settings."""
+    marks = marks_of(args.steps, args.evals)
+    found = []
+    for path in sorted(out.glob(f"{variant}-s*/study.json")):
+        try:
+            seed = int(path.parent.name.rsplit("-s", 1)[1])
+            study = read_cached(path, run_settings(args, bench, variant, seed, train_config(args, variant, seed, path.parent, out / "pool", marks)))
+        except (ValueError, UserError):
+            continue
+        if study is not None and end_point(study) is not None:
+            found.append(study)
+    return found
 
 
 if __name__ == "__main__":
