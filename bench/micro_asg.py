@@ -26,8 +26,17 @@ Writes under ``--out``:
 
 Resumable: each run's study.json is rewritten atomically after each mark; running the same
 command again skips finished runs, resumes a killed run from its checkpoint and never
-repeats a mark. Settings that change results (steps, lr, evaluation sizes, ...) are
-recorded: a folder made with other settings is refused (use another --out).
+repeats a mark (an evaluation killed half-way is redone whole). Settings that change
+results (steps, lr, evaluation sizes, ...) are recorded: a folder made with other settings
+is refused (use another --out). Finished runs of variants not named in --variants but made
+in the same folder with the same settings join the report, so variants can be run in
+separate calls. Training and evaluation use the GPU when there is one.
+
+Diagnosis: the Solver's majority answers are checked against the pool's ground truth
+(``pool.pool_scenes``; the trainer never sees it) where the Proposer's question is one of
+the world's templates, per --bin steps; the judge's ranking of the Generator's candidates
+is compared with the detector's on --judge-prompts prompts; the gates' skip reasons are
+counted from metrics.jsonl (functions in ``asg_kit.micro.diagnostics``).
 
 Statistics: a share's per-item standard error is sqrt(p(1-p)/n); GenEval's overall (mean
 of 6 category means) has sqrt(sum_c var_c/n_c)/6; a delta against the base model uses the
@@ -103,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--judge-prompts must be 0 or more")
     if not args.lr > 0:
         parser.error("--lr must be positive")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; pass a folder")
     if args.evals > args.steps:
         parser.error(f"--evals {args.evals} is more than --steps {args.steps}")
     variants = [v.strip().lower().replace(" ", "_").replace("-", "_") for v in args.variants.split(",") if v.strip()]

@@ -184,3 +184,44 @@ def test_tiny_study_end_to_end_resumes_without_duplicates(tmp_path, capsys, monk
     uninterrupted = [json.loads(line) for line in (out / "full-s0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert [(r["kind"], r["image"], r.get("question")) for r in rows] == [(r["kind"], r["image"], r.get("question")) for r in uninterrupted]
+
+
+@pytest.mark.janus  # the micro model (main environment)
+def test_evaluate_shapes_is_asgkit_bench(tmp_path):
+    from asg_kit.adapters.registry import load_backbone
+    from asg_kit.bench.run import BenchConfig, run_bench
+
+    bench = BenchConfig(per_kind=1, per_category=1, shapes_images=2, base=True, out=str(tmp_path / "bench"))
+    measured = diag.evaluate_shapes(load_backbone("micro"), bench, None, None)
+    tasks = run_bench(bench)["tasks"]
+    assert measured["vqa"]["accuracy"] == pytest.approx(tasks["shapes_vqa"]["metrics"]["accuracy"])
+    assert measured["geneval"]["overall"] == pytest.approx(tasks["shapes_geneval"]["metrics"]["overall"])
+    vqa, gen = measured["vqa"], measured["geneval"]
+    assert vqa["n"] == 6 and vqa["accuracy"] == pytest.approx(sum(vqa["correct"]) / 6)
+    assert vqa["se"] == pytest.approx(diag.binomial_se(vqa["correct"]))
+    assert gen["n"] == 12 and gen["se"] == pytest.approx(diag.category_means_se(gen["correct"], gen["tags"]))
+    assert diag.bench_settings(BenchConfig()) == {"per_kind": 50, "per_category": 16, "images": 4, "guidance": 5.0, "temperature": 1.0, "seed": 0}
+
+
+@pytest.mark.janus
+def test_judge_detector_agreement_bookkeeping():
+    from asg_kit.adapters.registry import load_backbone
+    from asg_kit.micro import benchmarks
+
+    metadata = benchmarks.geneval_prompts(1, seed=0)[:3]
+    found = diag.judge_detector_agreement(load_backbone("micro"), metadata, candidates=3, generator_role=None)
+    assert found["prompts"] == 3 and len(found["per_prompt"]) == 3
+    pairs = agree = ties = top = right = 0
+    for prompt, meta in zip(found["per_prompt"], metadata):
+        rewards, verdicts = prompt["rewards"], prompt["detector_right"]
+        assert prompt["prompt"] == meta["prompt"] and len(rewards) == len(verdicts) == 3
+        for i in range(3):
+            for j in range(3):
+                if verdicts[i] and not verdicts[j]:
+                    pairs += 1
+                    agree += rewards[i] > rewards[j]
+                    ties += rewards[i] == rewards[j]
+        top += verdicts[rewards.index(max(rewards))]
+        right += sum(verdicts)
+    assert (found["separated_pairs"], found["judge_agrees"], found["judge_ties"]) == (pairs, agree, ties)
+    assert found["top_candidate_right"] == pytest.approx(top / 3) and found["mean_candidate_right"] == pytest.approx(right / 9)
