@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--per-kind", type=int, default=None, help="shapes-VQA questions per kind")
     evaluation.add_argument("--per-category", type=int, default=None, help="shapes-GenEval prompts per category")
     evaluation.add_argument("--images", type=int, default=None, help="shapes-GenEval images per prompt")
-    evaluation.add_argument("--judge-prompts", type=int, default=24, help="shapes-GenEval prompts for the judge-vs-detector check at the end of each run and for the base (0: skip; default: %(default)s)")
+    evaluation.add_argument("--judge-prompts", type=int, default=48, help="shapes-GenEval prompts for the judge-vs-detector check at the end of each run and for the base (0: skip; default: %(default)s)")
     evaluation.add_argument("--bin", type=int, default=100, help="steps per bin of the Solver-majority diagnosis (default: %(default)s)")
     args = parser.parse_args(argv)
     for name in ("seeds", "ablation_seeds", "evals", "steps", "pool", "bin", "solver_tokens", "proposer_tokens", "spec_tokens"):
@@ -173,9 +173,12 @@ def read_cached(path: Path, settings: dict) -> dict | None:
 
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("settings") != settings:
-        raise UserError(f"{path} was made with other settings ({_differences(data.get('settings') or {}, settings)}); pass another --out, or the same settings again")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error}); remove it to measure again") from None
+    if not isinstance(data, dict) or data.get("settings") != settings:
+        raise UserError(f"{path} was made with other settings ({_differences((data.get('settings') or {}) if isinstance(data, dict) else {}, settings)}); pass another --out, or the same settings again")
     return data
 
 
@@ -421,7 +424,7 @@ def diagnosis_summary(diagnosis: dict) -> list[str]:
             agreement = sum(j["judge_agrees"] + 0.5 * j["judge_ties"] for j in judged) / pairs
             top = sum(j["top_candidate_right"] * j["prompts"] for j in judged) / sum(j["prompts"] for j in judged)
             mean = sum(j["mean_candidate_right"] * j["prompts"] for j in judged) / sum(j["prompts"] for j in judged)
-            lines.append(f"- {label} (end): the judge ordered {100 * agreement:.0f}% of {pairs} detector-separated candidate pairs as the detector does "
+            lines.append(f"- {label} (end): the judge ordered {100 * agreement:.0f}% (SE {100 * math.sqrt(agreement * (1 - agreement) / pairs):.0f}) of {pairs} detector-separated candidate pairs as the detector does "
                          f"(50% is chance); its top candidate was right {100 * top:.0f}% of the time, the mean candidate {100 * mean:.0f}%.")  # fmt: skip
     base = diagnosis.get("base_judge")
     if base and base["separated_pairs"]:
