@@ -502,7 +502,9 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                 rewards = [s.reward for s in scores]
                 row.update(generation_rewards=rewards, s_fid=[s.fidelity.s_fid for s in scores], s_div=[s.diversity for s in scores],
                            s_cyc=[s.cycle.s_cyc for s in scores] if config.use_cycle else None)  # fmt: skip
-                advantages = group_advantages(rewards) if all(math.isfinite(r) for r in rewards) else None
+                # The released AR-token Generator (VARGPT) z-scores with torch.std, i.e. over n - 1.
+                unbiased = form == "released" and backbone.generation_paradigm == "ar_tokens"
+                advantages = group_advantages(rewards, unbiased=unbiased) if all(math.isfinite(r) for r in rewards) else None
                 if backbone.generation_paradigm == "diffusion" and all(math.isfinite(r) for r in rewards):
                     # 4. Reward-weighted regression: reconstruct the real image from the spec prompt.
                     training_mode(True)
