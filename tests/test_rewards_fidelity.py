@@ -230,6 +230,7 @@ def test_group_advantages_unbiased_std_as_vargpt():
 # ---- the scorer and the training loop pass the switch on -----------------------------------------
 
 
+@pytest.mark.janus
 def test_generation_scorer_released_form_on_a_spec_without_questions():
     from asg_kit.adapters.registry import load_backbone
     from asg_kit.rewards.scorers import GenerationScorer, QAFidelityScorer
