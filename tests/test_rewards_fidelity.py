@@ -189,6 +189,23 @@ def test_solver_rewards_bagel_token_f1():
     assert asg[0] > 0 and asg[1] < 0 and asg[1] == asg[2]
 
 
+def test_solver_rewards_released_informative_scale():
+    from asg_kit.rewards import informativeness
+
+    answers = ["3"] * 4 + ["4"] * 2 + ["5"]
+    stats = vote_stats(answers)
+    s = informativeness(stats)
+    plain = solver_rewards(answers, [0] * 7, stats, "hard")
+    # released: each reward times max(0.20, s) before the update; s carried twice
+    assert plain[0] == pytest.approx((4 / 7) ** 0.7 * s)
+    assert solver_rewards(answers, [0] * 7, stats, "hard", informative_scale=0.20) == pytest.approx([r * max(0.20, s) for r in plain])
+    unanimous = vote_stats(["3"] * 7)  # s = 0.5 * exp(-0.675^2 / (2 * 0.525^2)) + 0 = 0.219: below a 0.30 floor
+    assert informativeness(unanimous) == pytest.approx(0.5 * math.exp(-(0.675**2) / (2 * 0.525**2)))
+    assert solver_rewards(["3"] * 7, [0] * 7, unanimous, "medium", informative_scale=0.30) == pytest.approx(
+        [r * 0.30 for r in solver_rewards(["3"] * 7, [0] * 7, unanimous, "medium")]
+    )
+
+
 def r_sc_by_hand(stats):
     s = min(1.0, max(0.0, 0.5 * math.exp(-((stats.entropy - 0.675) ** 2) / (2 * 0.525**2)) + 0.5 * max(0.0, 1 - stats.margin / 0.9)))
     g = math.exp(-((stats.entropy - 0.9) ** 2) / (2 * 0.25**2))

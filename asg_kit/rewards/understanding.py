@@ -30,6 +30,7 @@ def solver_rewards(
     length_tau: float = 6.0,
     minority_weight: float = 0.25,
     signal_floor: float = 1e-4,
+    informative_scale: float | None = None,
 ) -> list[float]:
     """Per-sample Solver rewards.
 
@@ -39,6 +40,10 @@ def solver_rewards(
     ``r_i = p(a_i)^0.7 * (1 - 0.10 * min(1, max(0, (w_i - 6) / 6))) * raw_i``.
 
     EvoLMM form: ``r_i = p(a_i)^0.7 * (1 - 0.10 * min(1, max(0, (w_i - 6) / 6)))``.
+
+    ``informative_scale=0.20`` multiplies every ``r_i`` by ``max(0.20, s)`` as the released
+    BLIP3o trainer does before its Solver update (so its reward carries s twice); default
+    None: no scaling.
 
     BAGEL's released form (``"bagel_f1"``): ``r_i = F1(a_i, majority)``, the token F1 of
     the two normalised answers (1 when equal), negated for a unanimous vote (H_SC <= 1e-6,
@@ -53,22 +58,24 @@ def solver_rewards(
     if form not in ("asg", "evolmm", "bagel_f1"):
         raise ValueError(f"form must be 'asg', 'evolmm' or 'bagel_f1', got {form!r}")
     if form == "bagel_f1":
-        if bucket == "unsolvable":
-            return [0.0] * len(answers)
         scores = [token_f1(normalize_answer(answer), stats.majority) for answer in answers]
         unanimous = stats.entropy <= 1e-6 or stats.majority_share >= 1.0
-        return [-abs(r) for r in scores] if unanimous else scores
-    signal = max(signal_floor, informativeness(stats))
-    rewards = []
-    for answer, words in zip(answers, word_counts):
-        label = normalize_answer(answer)
-        weight = stats.shares.get(label, 0.0) ** gamma * length_factor(words, length_penalty, length_tau)
-        if form == "evolmm":
-            rewards.append(weight)
-        elif bucket == "unsolvable" or label != stats.majority:
-            rewards.append(-minority_weight * signal * weight)
-        else:
-            rewards.append(signal * weight)
+        rewards = [0.0] * len(answers) if bucket == "unsolvable" else [-abs(r) for r in scores] if unanimous else scores
+    else:
+        signal = max(signal_floor, informativeness(stats))
+        rewards = []
+        for answer, words in zip(answers, word_counts):
+            label = normalize_answer(answer)
+            weight = stats.shares.get(label, 0.0) ** gamma * length_factor(words, length_penalty, length_tau)
+            if form == "evolmm":
+                rewards.append(weight)
+            elif bucket == "unsolvable" or label != stats.majority:
+                rewards.append(-minority_weight * signal * weight)
+            else:
+                rewards.append(signal * weight)
+    if informative_scale is not None:
+        scale = max(informative_scale, informativeness(stats))
+        rewards = [r * scale for r in rewards]
     return rewards
 
 
@@ -176,12 +183,18 @@ class QuestionScore:
 
 
 def score_question(
-    replies: Sequence[str], d_ste: float, tau_easy: float, form: Literal["asg", "evolmm"] = "asg", **bucket_options: float
+    replies: Sequence[str],
+    d_ste: float,
+    tau_easy: float,
+    form: Literal["asg", "evolmm", "bagel_f1"] = "asg",
+    informative_scale: float | None = None,
+    **bucket_options: float,
 ) -> QuestionScore:
     """Votes, bucket, Solver and Proposer rewards for one question's N Solver replies.
 
     The Solver update is gated off (``skip_reason``) for "easy" and "unsolvable" buckets;
-    ``bucket_options`` go to ``difficulty_bucket`` (e.g. ``easy_share``).
+    ``bucket_options`` go to ``difficulty_bucket`` (e.g. ``easy_share``);
+    ``informative_scale`` to ``solver_rewards``.
     """
     split = [split_answer(reply) for reply in replies]
     answers = tuple(answer for answer, _ in split)
@@ -195,7 +208,7 @@ def score_question(
         bucket=bucket,
         informativeness=informativeness(stats),
         d_ste=d_ste,
-        solver_rewards=tuple(solver_rewards(answers, words, stats, bucket, form=form)),
+        solver_rewards=tuple(solver_rewards(answers, words, stats, bucket, form=form, informative_scale=informative_scale)),
         proposer_reward=proposer_reward(d_ste, stats, bucket),
         skip_reason=f"{bucket} question" if bucket in ("easy", "unsolvable") else None,
     )

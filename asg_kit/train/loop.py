@@ -399,7 +399,8 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
             # 4. Judge.
             d_ste = percentile.update(ste[chosen]) if config.use_ste else 0.0
             buckets = {"easy_share": config.easy_share, "unsolvable_share": config.unsolvable_share}
-            judged = score_question([r.text for r in replies], d_ste, easy.value, form=config.solver_reward_form, **buckets)
+            judged = score_question([r.text for r in replies], d_ste, easy.value, form=config.solver_reward_form,
+                                    informative_scale=0.20 if form == "released" else None, **buckets)  # fmt: skip
             easy.update(judged.stats.entropy)
             weights = {} if config.use_ste else {"ste_weight": 0.0, "sc_weight": 1.0}
             weights["form"] = form
