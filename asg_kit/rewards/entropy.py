@@ -121,6 +121,10 @@ class RollingPercentile(RollingWindow):
     holds fewer than ``warmup`` values: ``d = sigmoid(slope * (x - center))``. ``update``
     keeps ``x``; ``rank`` returns what ``update`` would, without keeping it (for screening
     candidate questions).
+
+    ``form="released"``: a value ``x <= min_value`` (a decode with no uncertainty) gets
+    ``d = 0`` also during the cold start, as in the released code, instead of the sigmoid
+    (about 0.047); after the cold start both give 0.
     """
 
     def __init__(
@@ -130,12 +134,16 @@ class RollingPercentile(RollingWindow):
         slope: float = 1.5,
         center: float = 2.0,
         min_value: float = 1e-6,
+        form: Literal["asg-kit", "released"] = "asg-kit",
     ) -> None:
         super().__init__(window)
+        if form not in ("asg-kit", "released"):
+            raise ValueError(f"form must be 'asg-kit' or 'released', got {form!r}")
         self.warmup = warmup
         self.slope = slope
         self.center = center
         self.min_value = min_value
+        self.form = form
 
     def _kept(self, x: float) -> bool:
         return math.isfinite(x) and x > self.min_value
@@ -144,6 +152,8 @@ class RollingPercentile(RollingWindow):
         x = float(x)
         if math.isnan(x):
             return math.nan
+        if self.form == "released" and x <= self.min_value:
+            return 0.0
         window = list(self.values)
         if self._kept(x):
             window = (window + [x])[-self.window :]

@@ -18,7 +18,7 @@ from PIL import Image
 from asg_kit import prompts
 from asg_kit.adapters.base import AnswerRequest, TextSample, UnifiedBackbone
 from asg_kit.rewards._math import clip01
-from asg_kit.rewards.answers import normalize_answer, polarity, soft_match, split_answer
+from asg_kit.rewards.answers import Form, normalize_answer, polarity, soft_match, split_answer
 from asg_kit.rewards.entropy import RollingPercentile, reduce_first_k
 from asg_kit.rewards.generation import contradiction, diversity_contributions, generation_reward
 from asg_kit.rewards.spec import GenerationSpec, sanitize_spec, spec_quality
@@ -53,7 +53,11 @@ class FidelityResult:
 class QAFidelityScorer:
     """The Solver answers each spec question on each image ``samples`` times (temperature
     1.3, canonical framing); per question ``0.7 * soft_match(majority, expected) + 0.3 * f``;
-    ``S_fid`` is their mean and ``C`` the share of yes/no questions answered the other way."""
+    ``S_fid`` is their mean and ``C`` the share of yes/no questions answered the other way.
+
+    ``form="released"``: the released code's answer normalisation, soft match and yes/no
+    rule; ``C`` over all questions; a spec without questions has ``S_fid = 0.5``
+    (docs/fidelity.md)."""
 
     def __init__(
         self,
@@ -64,9 +68,12 @@ class QAFidelityScorer:
         max_new_tokens: int = 16,
         seed: int = 0,
         shared: bool = True,
+        form: Form = "asg-kit",
     ) -> None:
+        if form not in ("asg-kit", "released"):
+            raise ValueError(f"form must be 'asg-kit' or 'released', got {form!r}")
         self.backbone, self.samples, self.temperature, self.role = backbone, samples, temperature, role
-        self.max_new_tokens, self.seed, self.shared = max_new_tokens, seed, shared
+        self.max_new_tokens, self.seed, self.shared, self.form = max_new_tokens, seed, shared, form
 
     def score(self, images: Sequence[Image.Image], specs: Sequence[GenerationSpec], seeds: Sequence[int] | None = None) -> list[FidelityResult]:
         """``seeds``: one base seed per image (e.g. from its content), so that an image's
@@ -90,9 +97,13 @@ class QAFidelityScorer:
         for i, qa in enumerate(pairs):
             checks = []
             for j, pair in enumerate(qa):
-                stats = vote_stats(answers[(i, j)])
-                match = soft_match(stats.majority, pair.expected)
-                got, want = polarity(stats.majority), polarity(normalize_answer(pair.expected))
+                if self.form == "released":
+                    stats = vote_stats([normalize_answer(a, form="released") for a in answers[(i, j)]], normalize=False)
+                    got, want = polarity(stats.majority, form="released"), polarity(pair.expected, form="released")
+                else:
+                    stats = vote_stats(answers[(i, j)])
+                    got, want = polarity(stats.majority), polarity(normalize_answer(pair.expected))
+                match = soft_match(stats.majority, pair.expected, form=self.form)
                 checks.append(
                     QuestionCheck(
                         question=pair.question,
@@ -105,8 +116,9 @@ class QAFidelityScorer:
                         contradicts=bool(got and want and got != want),
                     )
                 )
-            s_fid = sum(c.score for c in checks) / len(checks) if checks else 0.0
-            contra = contradiction([c.majority for c in checks], [c.expected for c in checks])
+            s_fid = sum(c.score for c in checks) / len(checks) if checks else (0.5 if self.form == "released" else 0.0)
+            over = "all" if self.form == "released" else "yes_no"
+            contra = contradiction([c.majority for c in checks], [c.expected for c in checks], over=over, form=self.form)
             results.append(FidelityResult(checks, s_fid, contra))
         return results
 
@@ -177,6 +189,12 @@ class GenerationScorer:
     ``R_G = q * clip01((0.65 S_fid + 0.20 S_cyc + 0.10 S_div) / 0.95 - 0.20 C)``; a weight
     of 0 switches its term off (and its scorer is not run), e.g. ``w_cyc=0`` for the
     ablation without cycle consistency.
+
+    ``form="released"``: where asg-kit's rules differ from the released code's, use the
+    released ones (docs/fidelity.md): answer normalisation, soft match, yes/no rule and
+    contradiction over all questions (``QAFidelityScorer``), spec quality, the diversity
+    histogram distance and two-candidate rule, and a sampled caption (temperature 0.8,
+    at most 64 tokens) instead of a greedy one of at most 32.
     """
 
     def __init__(
@@ -191,10 +209,13 @@ class GenerationScorer:
         role: str | None = "solver",
         seed: int = 0,
         shared: bool = True,
+        form: Form = "asg-kit",
     ) -> None:
         self.weights = {"w_fid": w_fid, "w_cyc": w_cyc, "w_div": w_div, "w_contradiction": w_contradiction}
-        self.fidelity = QAFidelityScorer(backbone, samples, temperature, role, seed=seed, shared=shared) if w_fid or w_contradiction else None
-        self.cycle = CycleCaptionScorer(backbone, role, seed=seed) if w_cyc else None
+        self.form = form
+        self.fidelity = QAFidelityScorer(backbone, samples, temperature, role, seed=seed, shared=shared, form=form) if w_fid or w_contradiction else None
+        caption = {"temperature": 0.8, "max_new_tokens": 64} if form == "released" else {}
+        self.cycle = CycleCaptionScorer(backbone, role, seed=seed, **caption) if w_cyc else None
 
     def score(
         self,
@@ -212,10 +233,10 @@ class GenerationScorer:
             return []
         if diversity is None:
             group = list(diversity_over) if diversity_over is not None else list(images)
-            contributions = diversity_contributions(group)
+            contributions = diversity_contributions(group, form=self.form)
             by_identity = {id(image): c for image, c in zip(group, contributions)}
             diversity = [by_identity[id(image)] for image in images]
-        quality = spec_quality(spec)
+        quality = spec_quality(spec, form=self.form)
         fidelity = self.fidelity.score(images, [spec] * len(images), seeds) if self.fidelity else [None] * len(images)
         cycle = self.cycle.score(images, [spec.prompt] * len(images)) if self.cycle else [None] * len(images)
         pairs = [{"question": p.question, "expected": p.expected} for p in sanitize_spec(spec).spec.qa]

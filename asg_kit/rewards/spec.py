@@ -3,11 +3,12 @@ must satisfy, their sanitisation and quality (SPEC section 3)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from asg_kit.rewards._math import clip01
-from asg_kit.rewards.answers import normalize_answer, polarity
+from asg_kit.rewards.answers import Form, normalize_answer, polarity
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,23 @@ def sanitize_spec(
     return SanitizedSpec(GenerationSpec(spec.prompt, tuple(kept[:max_pairs])), len(spec.qa), len(valid), uniqueness)
 
 
-def spec_quality(spec: GenerationSpec, yes_no_penalty: float = 0.2) -> float:
+def spec_quality(spec: GenerationSpec, yes_no_penalty: float = 0.2, form: Form = "asg-kit", min_qa_pairs: int = 2) -> float:
     """Quality q of a spec, in [0, 1].
 
     ``q = clip01(0.5 * min(1, n_qa / 2) + 0.3 * n_valid / n_raw + 0.2 * uniqueness
     - 0.2 * [all expected answers are yes/no])`` with counts from ``sanitize_spec``
     (n_qa = pairs kept). A spec with no pairs at all has q = 0.
+
+    ``form="released"``, the released code's counts: a pair is valid when its question
+    (with "?" appended if missing) has at most 24 ``[a-z0-9]+`` words and its expected
+    answer 1 to 8; repeats are dropped by the released normalisation of the question (its
+    first 8 words); n_qa = the first 3 kept; ``q = clip01(0.5 * min(1, n_qa / 2)
+    + 0.3 * n_qa / n_raw + 0.2 * [n_qa > 0] - 0.2 * [all yes/no and n_qa >= 2])``
+    (uniqueness is measured after the repeats are gone, so it is 1 whenever a pair is
+    kept; yes/no by the released polarity).
     """
+    if form == "released":
+        return _released_spec_quality(spec, yes_no_penalty, min_qa_pairs)
     clean = sanitize_spec(spec)
     if clean.n_raw == 0:
         return 0.0
@@ -78,3 +89,24 @@ def spec_quality(spec: GenerationSpec, yes_no_penalty: float = 0.2) -> float:
         + 0.2 * clean.uniqueness
         - yes_no_penalty * all_yes_no
     )
+
+
+def _released_spec_quality(spec: GenerationSpec, yes_no_penalty: float, min_qa_pairs: int) -> float:
+    kept: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for pair in spec.qa:
+        question, expected = " ".join(pair.question.split()), " ".join(pair.expected.split())
+        if question and not question.endswith("?"):
+            question += "?"
+        q_words, e_words = len(re.findall(r"[a-z0-9]+", question.lower())), len(re.findall(r"[a-z0-9]+", expected.lower()))
+        if not (question and expected and q_words <= 24 and 1 <= e_words <= 8):
+            continue
+        key = normalize_answer(question, form="released")
+        if key not in seen:
+            seen.add(key)
+            kept.append((question, expected))
+    kept = kept[:3]
+    n = len(kept)
+    all_yes_no = n > 0 and all(polarity(e, form="released") for _, e in kept)
+    penalty = yes_no_penalty if all_yes_no and n >= min_qa_pairs else 0.0
+    return clip01(0.5 * min(1.0, n / max(1, min_qa_pairs)) + 0.3 * n / max(1, len(spec.qa)) + 0.2 * (1.0 if n else 0.0) - penalty)

@@ -71,19 +71,31 @@ class EasyThreshold(RollingWindow):
     """Adaptive entropy threshold tau_easy below which a question counts as easy.
 
     ``tau_easy = clip(Q1 + 0.25 * IQR, 0.10, 1.2)`` over the last ``window`` vote entropies
-    (linear-interpolated quartiles); with no history yet it is the lower bound.
+    (linear-interpolated quartiles); with fewer than ``min_samples`` entropies (default: none
+    yet) it is ``cold_value``, by default the lower bound. The released code waits for 32
+    entropies and uses 0.15 until then: ``EasyThreshold(min_samples=32, cold_value=0.15)``.
     """
 
-    def __init__(self, window: int = 256, iqr_weight: float = 0.25, lower: float = 0.10, upper: float = 1.2) -> None:
+    def __init__(
+        self,
+        window: int = 256,
+        iqr_weight: float = 0.25,
+        lower: float = 0.10,
+        upper: float = 1.2,
+        min_samples: int = 1,
+        cold_value: float | None = None,
+    ) -> None:
         super().__init__(window)
         self.iqr_weight = iqr_weight
         self.lower = lower
         self.upper = upper
+        self.min_samples = max(1, min_samples)
+        self.cold_value = cold_value
 
     @property
     def value(self) -> float:
-        if not self.values:
-            return self.lower
+        if len(self.values) < self.min_samples:
+            return self.lower if self.cold_value is None else self.cold_value
         q1, q3 = np.percentile(np.fromiter(self.values, dtype=float), [25.0, 75.0])
         return float(min(self.upper, max(self.lower, q1 + self.iqr_weight * (q3 - q1))))
 

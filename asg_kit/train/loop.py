@@ -119,6 +119,10 @@ class TrainConfig:
     easy_share: float = 0.85  # majority share from which a question is easy
     unsolvable_share: float = 0.20  # majority share up to which it is unsolvable
     use_ste: bool = True  # False: Proposer rewarded by sample entropy alone (ablation)
+    # None: asg-kit's reward rules; "released": the released ASG code's where they differ
+    # (docs/fidelity.md). None rather than "asg-kit" so that runs saved before this field
+    # existed still resume.
+    reward_form: str | None = None
     # generation
     generator_candidates: int = 3
     guidance_scale: float = 5.0
@@ -299,6 +303,9 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
     out = Path(config.out)
     if config.flow_update not in ("flow_matching", "flow_grpo"):
         raise ValueError(f"flow_update {config.flow_update!r}: use 'flow_matching' or 'flow_grpo'")
+    if config.reward_form not in (None, "asg-kit", "released"):
+        raise ValueError(f"reward_form {config.reward_form!r}: use 'released' or leave it unset (asg-kit's rules)")
+    form = config.reward_form or "asg-kit"
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
     placed = {key: value for key, value in {"device": device, "dtype": config.dtype, "upstream": config.upstream}.items() if value}
     backbone = load_backbone(config.backbone, model=config.model, **placed)
@@ -309,10 +316,11 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
         role: torch.optim.AdamW(backbone.trainable_parameters(role), lr=config.lr, weight_decay=config.weight_decay)
         for role in backbone.roles
     }
-    percentile, easy = RollingPercentile(), EasyThreshold()
+    percentile = RollingPercentile(form=form)
+    easy = EasyThreshold(min_samples=32, cold_value=0.15) if form == "released" else EasyThreshold()
     solver_baseline, proposer_baseline = EMABaseline(config.baseline_momentum), EMABaseline(config.baseline_momentum)
     kl_control = AdaptiveKL(config.beta, config.kl_target, config.kl_rate)
-    generation_scorer = GenerationScorer(backbone, samples=config.spec_samples, w_cyc=0.20 if config.use_cycle else 0.0, seed=config.seed)
+    generation_scorer = GenerationScorer(backbone, samples=config.spec_samples, w_cyc=0.20 if config.use_cycle else 0.0, seed=config.seed, form=form)
     start = 0
     metrics = out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl")
     if resume and (out / "checkpoint" / "state.json").is_file():
@@ -391,10 +399,12 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
             # 4. Judge.
             d_ste = percentile.update(ste[chosen]) if config.use_ste else 0.0
             buckets = {"easy_share": config.easy_share, "unsolvable_share": config.unsolvable_share}
-            judged = score_question([r.text for r in replies], d_ste, easy.value, form=config.solver_reward_form, **buckets)
+            judged = score_question([r.text for r in replies], d_ste, easy.value, form=config.solver_reward_form,
+                                    informative_scale=0.20 if form == "released" else None, **buckets)  # fmt: skip
             easy.update(judged.stats.entropy)
             weights = {} if config.use_ste else {"ste_weight": 0.0, "sc_weight": 1.0}
-            chosen_reward = proposer_reward(d_ste, judged.stats, judged.bucket, **weights)
+            weights["form"] = form
+            chosen_reward = proposer_reward(d_ste, judged.stats, judged.bucket, greedy_answer=split_answer(greedy[chosen].text)[0], **weights)
             row.update(question=question, answers=list(judged.answers), ste=ste[chosen], d_ste=d_ste, entropy=judged.stats.entropy,
                        majority_share=judged.stats.majority_share, margin=judged.stats.margin, bucket=judged.bucket,
                        solver_rewards=list(judged.solver_rewards), proposer_reward=chosen_reward)  # fmt: skip
@@ -440,7 +450,8 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                         config.solver_max_new_tokens,
                     )
                 stats = vote_stats([split_answer(greedy[i].text)[0]] + [split_answer(s.text)[0] for s in spot])
-                rewards.append(proposer_reward(ranks[i] if config.use_ste else 0.0, stats, difficulty_bucket(stats, easy.value, **buckets), **weights))
+                rewards.append(proposer_reward(ranks[i] if config.use_ste else 0.0, stats, difficulty_bucket(stats, easy.value, **buckets),
+                                               greedy_answer=split_answer(greedy[i].text)[0], **weights))  # fmt: skip
             advantages = max_normalized_advantages(rewards, proposer_baseline.current)
             proposer_baseline.update(sum(rewards) / len(rewards))
             reason, loss = None, None
@@ -467,7 +478,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
             with backbone.role("proposer"):
                 reply = backbone.sample_answers([AnswerRequest(image, prompts.PROPOSER_SPEC, config.proposer_temperature, seed=seed)], config.spec_max_new_tokens)[0]
             spec = prompts.parse_spec(reply.text)
-            quality = spec_quality(spec) if spec else 0.0
+            quality = spec_quality(spec, form=form) if spec else 0.0
             row.update(spec=reply.text, spec_quality=quality)
             reason = None
             if spec is None:
@@ -476,7 +487,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                 reason = "spec quality below minimum"
             else:
                 # 2. The Solver must agree with the spec on the source image.
-                alignment = QAFidelityScorer(backbone, config.spec_samples, seed=seed).score([image], [spec])[0].s_fid
+                alignment = QAFidelityScorer(backbone, config.spec_samples, seed=seed, form=form).score([image], [spec])[0].s_fid
                 row["alignment"] = alignment
                 if alignment < config.alignment_min:
                     reason = "spec not aligned with its image"
@@ -492,7 +503,9 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
                 rewards = [s.reward for s in scores]
                 row.update(generation_rewards=rewards, s_fid=[s.fidelity.s_fid for s in scores], s_div=[s.diversity for s in scores],
                            s_cyc=[s.cycle.s_cyc for s in scores] if config.use_cycle else None)  # fmt: skip
-                advantages = group_advantages(rewards) if all(math.isfinite(r) for r in rewards) else None
+                # The released AR-token Generator (VARGPT) z-scores with torch.std, i.e. over n - 1.
+                unbiased = form == "released" and backbone.generation_paradigm == "ar_tokens"
+                advantages = group_advantages(rewards, unbiased=unbiased) if all(math.isfinite(r) for r in rewards) else None
                 if backbone.generation_paradigm == "diffusion" and all(math.isfinite(r) for r in rewards):
                     # 4. Reward-weighted regression: reconstruct the real image from the spec prompt.
                     training_mode(True)

@@ -42,11 +42,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
 
-def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float] | None:
+def group_advantages(rewards: Sequence[float], eps: float = 1e-6, unbiased: bool = False) -> list[float] | None:
     """GRPO's z-scored advantages ``(r - mean) / std`` over a group; None when std < eps
-    (the group carries no preference, so the update is skipped)."""
+    (the group carries no preference, so the update is skipped). ``std`` is the population
+    standard deviation (as BAGEL's released updater); ``unbiased=True`` divides by
+    ``n - 1`` as VARGPT's released updater (``torch.std``), which makes the advantages
+    ``sqrt((n - 1) / n)`` times as large (0.816 for n = 3)."""
     values = torch.tensor(list(rewards), dtype=torch.float64)
-    std = values.std(unbiased=False).item() if len(values) > 1 else 0.0
+    std = values.std(unbiased=unbiased).item() if len(values) > 1 else 0.0
     if std < eps:
         return None
     return ((values - values.mean()) / std).tolist()
