@@ -12,7 +12,7 @@ from asg_kit.micro.train import MicroTrainConfig, train
 
 pytestmark = pytest.mark.janus
 
-TINY = dict(vq_steps=3, lm_steps=3, vq_batch=2, text_batch=2, image_batch=2, checkpoint_every=2, warmup=1, threads=1)
+TINY = dict(vq_steps=3, lm_steps=3, vq_batch=2, text_batch=2, image_batch=2, patch_batch=2, checkpoint_every=2, warmup=1, threads=1)
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
@@ -26,6 +26,12 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"vq", "lm"} and all(r["loss"] == r["loss"] for r in rows)
+    assert all(r["patch_loss"] > 0 for r in rows if r["stage"] == "lm")
+    # stopped exactly between the stages: the LM stage starts fresh, not from the VQ optimizer
+    assert train(config, tmp_path / "at-boundary", stop_after=TINY["vq_steps"]).name == "checkpoint"
+    boundary = train(config, tmp_path / "at-boundary")
+    c = load_file(boundary / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_exported_model_loads_as_janus_with_unit_codebook(tmp_path):

@@ -12,7 +12,7 @@ from asg_kit import prompts, specs
 from asg_kit.micro import world
 
 # Share of each understanding task in a batch.
-TASK_WEIGHTS = {"answer": 0.5, "caption": 0.15, "ask": 0.1, "spec": 0.15, "decompose": 0.1}
+TASK_WEIGHTS = {"answer": 0.6, "caption": 0.1, "ask": 0.1, "spec": 0.1, "decompose": 0.1}
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,22 @@ def image_example(rng: random.Random, image_size: int = 64, caption_share: float
         return ImageExample(world.caption(scene, rng), world.render(scene, image_size), None)
     metadata = world.sample_prompt(rng)
     return ImageExample(metadata["prompt"], world.render(world.scene_for_prompt(metadata, rng), image_size), metadata)
+
+
+def patch_labels(scene: world.Scene, grid: int) -> tuple[list[int], list[int]]:
+    """Dense ground truth for the vision encoder: for each patch of a ``grid`` x ``grid``
+    split of the canvas (row-major, as the encoder orders its tokens), the colour and the
+    shape of the object whose box holds the patch centre, as class ids (0: background,
+    then ``world.COLORS`` / ``world.SHAPES`` order). Boxes never overlap (objects keep a gap)."""
+    colors, shapes = [0] * (grid * grid), [0] * (grid * grid)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        for row in range(grid):
+            for column in range(grid):
+                if x0 <= (column + 0.5) / grid <= x1 and y0 <= (row + 0.5) / grid <= y1:
+                    colors[row * grid + column] = list(world.COLORS).index(obj.color) + 1
+                    shapes[row * grid + column] = world.SHAPES.index(obj.shape) + 1
+    return colors, shapes
 
 
 def vocabulary(samples: int = 800, seed: int = 0) -> list[str]:

@@ -9,6 +9,11 @@ A tiny Janus (``asg_kit.micro.model``) learns in two stages:
    captioning, asking questions, writing generation specs (text, through ``lm_head``), and
    drawing a prompt's image token by token (through ``generation_head``; 10 % of prompts
    blanked, so that classifier-free guidance has an unconditional branch to work with).
+   Two things make the Solver competent on a CPU budget: each text example's loss is its
+   mean token log-prob, so one-word answers weigh as much as long specs, and the vision
+   encoder's patch tokens are supervised densely (``PatchHeads``: the colour and shape
+   under each patch and the patch's row and column), so it sees shapes and where they are
+   long before one answer token per example could teach it.
 
 Every batch is drawn from an RNG seeded by (seed, stage, step), so a run resumed from its
 last checkpoint sees the same data as one never stopped. Checkpoints are written
@@ -44,19 +49,27 @@ from asg_kit.micro import tasks
 class MicroTrainConfig:
     seed: int = 0
     image_size: int = 64
-    vq_steps: int = 3000
+    vq_steps: int = 2500
     vq_batch: int = 16
     vq_lr: float = 1e-3
     vq_restart_every: int = 25
-    lm_steps: int = 6000
+    lm_steps: int = 10000
     text_batch: int = 16
-    image_batch: int = 16
+    image_batch: int = 12
     lm_lr: float = 2e-3
     lm_min_lr_share: float = 0.1
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     uncond_share: float = 0.1
+    # Dense supervision of the vision encoder: each patch token predicts the colour and shape
+    # under it through two linear heads used only in training (0 turns it off). Without it
+    # the encoder learns from one answer token per example and stays near chance on shapes.
+    patch_loss_weight: float = 1.0
+    patch_batch: int = 16
+    # "example": each text example's mean token log-prob counts equally, so one-word answers
+    # weigh as much as long specs; "token": every target token counts equally.
+    text_loss: str = "example"
     checkpoint_every: int = 250
     threads: int = 0  # 0: torch's default
 
@@ -92,11 +105,37 @@ def _lr(config: MicroTrainConfig, step: int) -> float:
     return config.lm_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _save_checkpoint(out: Path, model, processor, optimizer, progress: dict) -> None:
+class PatchHeads(torch.nn.Module):
+    """Training-only linear probes from the vision encoder's patch tokens to the colour and
+    shape under each patch (``tasks.patch_labels``) and to the patch's own row and column;
+    not part of the exported model. The coordinates keep where each patch is linearly
+    readable, which position questions ("where is the circle relative to the square?") need."""
+
+    def __init__(self, width: int, grid: int):
+        super().__init__()
+        self.color = torch.nn.Linear(width, len(tasks.world.COLORS) + 1)
+        self.shape = torch.nn.Linear(width, len(tasks.world.SHAPES) + 1)
+        self.row = torch.nn.Linear(width, grid)
+        self.column = torch.nn.Linear(width, grid)
+        self.grid = grid
+
+    def loss(self, patches: torch.Tensor, colors: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(self.grid * self.grid).expand(len(patches), -1)
+        return sum(
+            F.cross_entropy(head(patches).flatten(0, 1), labels.flatten())
+            for head, labels in ((self.color, colors), (self.shape, shapes), (self.row, index // self.grid), (self.column, index % self.grid))
+        )
+
+
+def _save_checkpoint(out: Path, model, processor, optimizer, progress: dict, heads: PatchHeads | None = None) -> None:
+    from safetensors.torch import save_file
+
     tmp = out / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
+    if heads is not None:
+        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp / "patch_heads.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "progress.json").write_text(json.dumps(progress))
     swap_in_folder(tmp, out / "checkpoint")
@@ -123,7 +162,11 @@ def micro_config_for(out: str | Path, **given) -> MicroTrainConfig:
 def _claim(config: MicroTrainConfig, out: Path, notice: Callable[[str], None]) -> None:
     """Check the settings, and that a run already in ``out`` was made with them."""
     check_seed(config.seed)
-    for name in ("vq_steps", "lm_steps", "checkpoint_every", "image_size", "vq_batch", "text_batch", "image_batch"):
+    if config.text_loss not in ("example", "token"):
+        raise UserError(f"text_loss={config.text_loss!r}: use 'example' or 'token'")
+    if not config.patch_loss_weight >= 0:
+        raise UserError(f"patch_loss_weight={config.patch_loss_weight!r}: use a number >= 0")
+    for name in ("vq_steps", "lm_steps", "checkpoint_every", "image_size", "vq_batch", "text_batch", "image_batch", "patch_batch"):
         check_positive(f"--{name.replace('_', '-')}", getattr(config, name), integer=True)
     check_output_folder("RUN", out)
     if recover_folder(out / "checkpoint"):
@@ -188,6 +231,8 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         metrics.unlink(missing_ok=True)
     else:
         model, processor, progress, optimizer_state = loaded
+        if progress == {"stage": "lm", "step": 0}:  # saved at the end of stage 1: its optimizer is the VQ's
+            optimizer_state = None
         cut_torn_line(metrics)  # a run killed during an append left half a row
         if metrics.exists():  # rows written after the checkpoint are written again
             order = {"vq": 0, "lm": 1, "done": 2}
@@ -249,15 +294,25 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             parameter.requires_grad_(False)
         for parameter in trainable:
             parameter.requires_grad_(True)
+        with torch.random.fork_rng():  # the same heads whether or not the run was resumed
+            torch.manual_seed(config.seed)
+            heads = PatchHeads(model.config.vision_config.hidden_size, config.image_size // model.config.vision_config.patch_size)
+        heads_file = out / "checkpoint" / "patch_heads.safetensors"
+        if optimizer_state is not None and heads_file.is_file():
+            from safetensors.torch import load_file
+
+            heads.load_state_dict(load_file(str(heads_file)))
+        trainable += list(heads.parameters())
         model.train()
         vq.eval()
         optimizer = torch.optim.AdamW(trainable, lr=config.lm_lr, weight_decay=config.weight_decay)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
+        grid = config.image_size // model.config.vision_config.patch_size
         started = time.time()
         for step in range(progress["step"], config.lm_steps):
             if budget <= 0:
-                _save_checkpoint(out, model, processor, optimizer, {"stage": "lm", "step": step})
+                _save_checkpoint(out, model, processor, optimizer, {"stage": "lm", "step": step}, heads)
                 return out / "checkpoint"
             for group in optimizer.param_groups:
                 group["lr"] = _lr(config, step)
@@ -267,7 +322,10 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             requests = [AnswerRequest(example.image, example.prompt) for example in texts]
             completions = [backbone.encode_completion(example.target) for example in texts]
             scores = backbone.score_completions(requests, completions)
-            text_loss = -(scores.logprobs.sum() / scores.mask.sum())
+            if config.text_loss == "example":
+                text_loss = -((scores.logprobs * scores.mask).sum(1) / scores.mask.sum(1)).mean()
+            else:
+                text_loss = -(scores.logprobs.sum() / scores.mask.sum())
 
             drawings = [tasks.image_example(rng, config.image_size) for _ in range(config.image_batch)]
             with torch.no_grad():
@@ -285,19 +343,27 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             )
             image_loss = -backbone.generation_logprobs(rollout).mean()
 
-            loss = text_loss + image_loss
+            patch_loss = torch.zeros(())
+            if config.patch_loss_weight > 0:
+                scenes = [tasks.world.sample_scene(rng) for _ in range(config.patch_batch)]
+                pixels = processor.image_processor([tasks.world.render(s, config.image_size) for s in scenes], return_tensors="pt")["pixel_values"]
+                patches = model.model.vision_model(pixel_values=pixels).last_hidden_state
+                labels = [tasks.patch_labels(s, grid) for s in scenes]
+                patch_loss = heads.loss(patches, torch.tensor([c for c, _ in labels]), torch.tensor([s for _, s in labels]))
+
+            loss = text_loss + image_loss + config.patch_loss_weight * patch_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
             budget -= 1
-            row = {"stage": "lm", "step": step, "loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(), "lr": _lr(config, step), "seconds": time.time() - started}
+            row = {"stage": "lm", "step": step, "loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(), "patch_loss": patch_loss.item(), "lr": _lr(config, step), "seconds": time.time() - started}
             if step % 25 == 0 or step == config.lm_steps - 1:
                 log(row)
                 with metrics.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
             if (step + 1) % config.checkpoint_every == 0:
-                _save_checkpoint(out, model, processor, optimizer, {"stage": "lm", "step": step + 1})
+                _save_checkpoint(out, model, processor, optimizer, {"stage": "lm", "step": step + 1}, heads)
         progress = {"stage": "done", "step": 0}
         model.eval()
         _save_checkpoint(out, model, processor, optimizer, progress)
