@@ -9,6 +9,8 @@ random streams, and one prefill per image or prompt shared by all its samples.
 
 from __future__ import annotations
 
+import inspect
+
 from pathlib import Path
 from typing import Sequence
 
@@ -239,12 +241,15 @@ class JanusAdapter(LoraRoles):
         return embeds
 
     def _hidden(self, embeds, mask, positions, cache=None) -> torch.Tensor:
-        output = self.model.model.language_model(
+        language_model = self.model.model.language_model
+        # transformers 5.2x renamed the cache argument and warns on every call under the old name
+        cache_argument = "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+        output = language_model(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{cache_argument: cache},
         )
         return output.last_hidden_state
 
