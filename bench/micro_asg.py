@@ -43,8 +43,9 @@ of 6 category means) has sqrt(sum_c var_c/n_c)/6; a delta against the base model
 same items, so its per-item standard error is the paired one. Across seeds the 95% interval
 is mean +- t(n-1) s/sqrt(n).
 
-Time: the full study (defaults: 7 runs x 600 steps, 2 marks each, base) takes
-TODO(lead: measured time) on 2 CPU cores.
+Time: the full study (defaults: 7 runs x 600 steps, 2 marks each, base) took 19 minutes
+on 2 CPU cores as two one-thread processes side by side (``--variants full`` and the four
+ablations; OMP_NUM_THREADS=1 each), about 5 minutes per run.
 
     python bench/micro_asg.py --out runs/micro_asg
     python bench/micro_asg.py --out runs/micro_asg --variants full --seeds 5
@@ -63,6 +64,7 @@ from pathlib import Path
 from asg_kit.checks import UserError
 from asg_kit.jsonl import read_jsonl, write_json_atomic
 from asg_kit.micro import diagnostics as diag
+from asg_kit.micro.benchmarks import QUESTION_KINDS
 
 VARIANTS = {
     "full": ("full method", {}),
@@ -294,7 +296,7 @@ def diagnose(args, out: Path, base: dict, studies: dict[str, list[dict]]) -> dic
     from asg_kit.micro.pool import pool_scenes
 
     scenes = pool_scenes(args.pool, POOL_SEED)
-    result: dict = {"base_judge": base.get("judge"), "variants": {}}
+    result: dict = {"base_judge": base.get("judge"), "bin": args.bin, "variants": {}}
     for variant, runs in studies.items():
         entries = []
         for study in runs:
@@ -375,6 +377,18 @@ def diagnosis_markdown(rows: dict, diagnosis: dict) -> str:
             per_bin = " ".join(f"{b['steps'][0]}:{_fmt(b['majority_right_rate'], 100, 0)}" for b in e["solver_majority"]["bins"])
             lines.append(f"| {VARIANTS[variant][0]} | {e['seed']} | {e['steps']} | {o['questions']} | {_fmt(o['parsable_share'], 100, 0)}% | "
                          f"{_fmt(o['majority_right_rate'], 100, 0)}% | {_fmt(o['greedy_right_rate'], 100, 0)}% | {per_bin} |")  # fmt: skip
+    lines += ["", "## Which questions did the Proposer ask? (parsable ones, pooled over seeds)", "",
+              "Per bin of steps: questions of each kind asked, and in brackets how many of their majorities were right.", "",
+              "| variant | steps | " + " | ".join(QUESTION_KINDS) + " |", "|---|---|" + "---|" * len(QUESTION_KINDS)]  # fmt: skip
+    for variant, entries in diagnosis["variants"].items():
+        pooled: dict[int, Counter] = {}
+        for e in entries:
+            for b in e["solver_majority"]["bins"]:
+                for kind, n in b.get("kinds", {}).items():
+                    pooled.setdefault(b["steps"][0], Counter()).update({f"asked:{kind}": n["asked"], f"right:{kind}": n["majority_right"]})
+        for start in sorted(pooled):
+            cells = [f"{pooled[start][f'asked:{k}']} ({pooled[start][f'right:{k}']})" for k in QUESTION_KINDS]
+            lines.append(f"| {VARIANTS[variant][0]} | {start}-{start + diagnosis['bin'] - 1} | " + " | ".join(cells) + " |")
     lines += ["", "## Does the judge rank candidates as the detector does? (what the Generator reward pays)", "",
               "Over candidate pairs of a prompt that the detector separates (one right, one wrong): the share the judge orders the same way (ties half).", "",
               "| model | prompts | separated pairs | agreement | judge ties | judge's top right | mean candidate right |", "|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -65,7 +65,7 @@ def test_trained_roles_from_a_run_folder(tmp_path):
     from asg_kit.adapters.registry import load_backbone
 
     micro = load_backbone("micro")
-    perturb_roles(micro, scale=0.05)
+    perturb_roles(micro, scale=0.3)
     micro.save_roles(tmp_path / "run" / "checkpoint" / "roles")  # where `asgkit train` keeps them
     trained = run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path / "a"), roles=str(tmp_path / "run"), per_kind=3))
     base = run_bench(BenchConfig(tasks=("shapes_vqa",), out=str(tmp_path / "b"), per_kind=3))

@@ -83,6 +83,8 @@ def test_solver_majority_truth_from_the_pool():
     assert (overall["questions"], overall["parsable"], overall["majority_right"]) == (4, 3, 1)
     assert overall["greedy_right_rate"] == pytest.approx(2 / 3)
     assert [(b["steps"], b["questions"], b["parsable"], b["majority_right"]) for b in found["bins"]] == [([0, 4], 3, 2, 1), ([5, 9], 1, 1, 0)]
+    assert found["bins"][0]["kinds"][qa1.kind] == {"asked": 1 + (qa0.kind == qa1.kind), "majority_right": int(qa0.kind == qa1.kind)}
+    assert overall["kinds"][qa0.kind]["asked"] == 2 + (qa0.kind == qa1.kind)
 
 
 def test_skip_counts():

@@ -155,7 +155,8 @@ def solver_majority_truth(rows: Sequence[dict], scenes: Sequence, bin_size: int 
     scenes of its pool (``pool.pool_scenes``; image ``i`` is ``{i:06d}.png``). A question
     counts where its text is one of the world's question templates for that scene
     (``world.scene_questions``). Per bin of ``bin_size`` steps and overall: understanding
-    steps, parsable questions, majority right."""
+    steps, parsable questions, majority right, and per question kind of the world (colour,
+    shape, count, exist, position, yesno) how many were asked and how many majorities were right."""
     from asg_kit.micro import world
     from asg_kit.rewards import normalize_answer, vote_stats
 
@@ -169,18 +170,23 @@ def solver_majority_truth(rows: Sequence[dict], scenes: Sequence, bin_size: int 
             scene = scenes[int(Path(row["image"]).stem)]
         except (ValueError, IndexError, KeyError):
             continue
-        truth = {question_key(qa.question): qa.answer for qa in world.scene_questions(scene)}.get(question_key(row["question"]))
-        if truth is None:
+        qa = {question_key(qa.question): qa for qa in world.scene_questions(scene)}.get(question_key(row["question"]))
+        if qa is None:
             continue
+        right = normalize_answer(vote_stats(row["answers"]).majority) == normalize_answer(qa.answer)
         counts["parsable"] += 1
-        counts["majority_right"] += normalize_answer(vote_stats(row["answers"]).majority) == normalize_answer(truth)
-        counts["greedy_right"] += normalize_answer(row["answers"][0]) == normalize_answer(truth)
+        counts["majority_right"] += right
+        counts["greedy_right"] += normalize_answer(row["answers"][0]) == normalize_answer(qa.answer)
+        counts[f"asked:{qa.kind}"] += 1
+        counts[f"right:{qa.kind}"] += right
 
     def summary(counts: Counter) -> dict:
         return {"questions": counts["questions"], "parsable": counts["parsable"], "majority_right": counts["majority_right"],
                 "parsable_share": counts["parsable"] / counts["questions"] if counts["questions"] else None,
                 "majority_right_rate": counts["majority_right"] / counts["parsable"] if counts["parsable"] else None,
-                "greedy_right_rate": counts["greedy_right"] / counts["parsable"] if counts["parsable"] else None}  # fmt: skip
+                "greedy_right_rate": counts["greedy_right"] / counts["parsable"] if counts["parsable"] else None,
+                "kinds": {key.split(":", 1)[1]: {"asked": n, "majority_right": counts[f"right:{key.split(':', 1)[1]}"]}
+                          for key, n in sorted(counts.items()) if key.startswith("asked:")}}  # fmt: skip
 
     total = sum(bins.values(), Counter())
     return {"bin_size": bin_size, "bins": [{"steps": [b * bin_size, (b + 1) * bin_size - 1], **summary(bins[b])} for b in sorted(bins)], "overall": summary(total)}
