@@ -465,6 +465,7 @@ def micro_train(
         progress.start()
         progress.update(bars[row["stage"]], completed=row["step"] + 1)
         if row["stage"] == "lm":
+            progress.update(bars["vq"], completed=config.vq_steps)  # done, also when resumed past it
             progress.update(bars["lm"], description=f"lm  text {row['text_loss']:.3f}  image {row['image_loss']:.3f}")
         else:
             progress.update(bars["vq"], description=f"vq  reconstruction {row['reconstruction']:.4f}")
