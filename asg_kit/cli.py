@@ -54,6 +54,7 @@ _fold_long_words_in_help()
 errors = Console(stderr=True, soft_wrap=True)
 
 
+REWARD_FORM = typer.Option(None, "--reward-form", help="released: the released ASG code's reward rules where asg-kit's differ (docs/fidelity.md); default: asg-kit's.")
 UPSTREAM = typer.Option(None, help="Checkout of the backbone's upstream repository, or a folder holding it (backbones that run upstream code: vargpt, bagel, blip3o; default: $ASGKIT_UPSTREAM).")
 
 
@@ -154,6 +155,7 @@ def score(
     max_prompt_chars: int = typer.Option(2000, help="Longer prompts and questions get a row with the reason instead of a model call."),
     max_pixels: Optional[int] = typer.Option(None, help="Larger images get a row with the reason (default: Pillow's decompression-bomb limit, about 89 megapixels); large images below it are downscaled."),
     report: bool = typer.Option(False, "--report", help="Also write OUT with .html: one self-contained page to look at the images beside their scores (see `asgkit report`)."),
+    reward_form: Optional[str] = REWARD_FORM,
     upstream: Optional[Path] = UPSTREAM,
 ) -> None:
     """Judge generated images with the model's own Solver: per-question answers and matches, contradictions, a cycle caption, diversity, and the combined reward R_G. Re-running the same job resumes: finished images are skipped, errors retried."""
@@ -164,7 +166,7 @@ def score(
     from asg_kit.score import Judge, ScoreOptions, ScoreOutput, ScoreSetupError, check_judge, default_output, run_score, summary_path
 
     out = out or default_output(folder, difficulty)
-    settings = ScoreOptions(samples=samples, seed=seed, questions=questions, difficulty=difficulty, fresh=fresh, max_prompt_chars=max_prompt_chars)
+    settings = ScoreOptions(samples=samples, seed=seed, questions=questions, difficulty=difficulty, fresh=fresh, max_prompt_chars=max_prompt_chars, reward_form=reward_form)
     if max_pixels is not None:
         settings.max_pixels = max_pixels
     try:
@@ -266,6 +268,7 @@ def train(
     dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 (default: the backbone's own: float32, BAGEL bfloat16; README, Backbones)."),
     report_to: str = typer.Option("none", help="Also log every step's metrics to tensorboard (RUN/tensorboard) or wandb (RUN/wandb, offline without an API key); none: metrics.jsonl only."),
     log_images_every: int = typer.Option(50, help="With --report-to: steps between the Generator's candidate images (with their R_G) sent to the tracker; 0: never."),
+    reward_form: Optional[str] = REWARD_FORM,
 ) -> None:
     """Improve a unified model from unlabeled images: the Proposer asks, the Solver answers and judges, the Generator draws, every reward comes from the model's own consistency. Run under torchrun for several processes."""
     from asg_kit.checks import UserError
@@ -276,7 +279,7 @@ def train(
                     guidance_scale=guidance, solver_max_new_tokens=solver_max_new_tokens,
                     proposer_max_new_tokens=proposer_max_new_tokens, spec_max_new_tokens=proposer_max_new_tokens,
                     checkpoint_every=checkpoint_every, upstream=str(upstream.resolve()) if upstream else None,
-                    device=device, dtype=dtype, report_to=report_to, log_images_every=log_images_every)  # fmt: skip
+                    device=device, dtype=dtype, report_to=report_to, log_images_every=log_images_every, reward_form=reward_form)  # fmt: skip
     try:
         if resume:
             if out is not None and out.resolve() != resume.resolve():

@@ -59,6 +59,7 @@ class ScoreOptions:
     max_prompt_chars: int = 2000  # longer prompts and questions get a reason row, never a model call
     max_pixels: int = MAX_PIXELS  # larger images get a reason row (default: Pillow's own limit)
     fresh: bool = False  # replace an existing output (of any asgkit score job) instead of resuming it
+    reward_form: str | None = None  # "released": the released ASG code's rules where asg-kit's differ (docs/fidelity.md)
 
 
 @dataclass
@@ -133,6 +134,8 @@ def check_options(options: ScoreOptions) -> dict[str, GenerationSpec]:
         raise ScoreSetupError(f"--seed must be between 0 and {MAX_SEED}, not {options.seed}")
     if options.samples < 1:
         raise ScoreSetupError(f"--samples must be at least 1, not {options.samples}")
+    if options.reward_form not in (None, "asg-kit", "released"):
+        raise ScoreSetupError(f"--reward-form {options.reward_form}: use 'released', or leave it out for asg-kit's rules")
     if options.max_prompt_chars < 1:
         raise ScoreSetupError(f"--max-prompt-chars must be at least 1, not {options.max_prompt_chars}")
     if options.max_pixels < 4:
@@ -238,6 +241,8 @@ def job_record(folder: Path, options: ScoreOptions, judge: Judge) -> dict:
             proposer_specs=options.proposer_specs,
             max_prompt_chars=options.max_prompt_chars,
         )
+        if options.reward_form:  # only when set: records written before the option existed still match
+            job["reward_form"] = options.reward_form
     return job
 
 
@@ -384,11 +389,11 @@ def _input_digest(entry: ImageEntry, content: str | None) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _group_diversity(members: list[ImageEntry], loaded: dict, contents: dict[str, str | None]) -> dict[str, float]:
+def _group_diversity(members: list[ImageEntry], loaded: dict, contents: dict[str, str | None], form: str = "asg-kit") -> dict[str, float]:
     """Each readable candidate's diversity share within the whole group, computed in content
     order and given alike to identical files (independent of names and of the run's cuts)."""
     ordered = sorted((e for e in members if e.key in loaded), key=lambda e: (contents[e.key] or "", e.key))
-    shares = diversity_contributions([loaded[e.key].image for e in ordered])
+    shares = diversity_contributions([loaded[e.key].image for e in ordered], form=form)
     by_content: dict[str | None, float] = {}
     for entry, share in zip(ordered, shares):
         by_content.setdefault(contents[entry.key], share)
@@ -486,7 +491,8 @@ def _score_into(backbone: UnifiedBackbone, output: ScoreOutput, options: ScoreOp
 def _score_generations(backbone, output: ScoreOutput, options: ScoreOptions, contents, valid, write, error, done, status=lambda text: None) -> bool:
     """Judge every pending image of each prompt group, one image a call; refresh the
     diversity share of rows whose group changed. True when rows were refreshed in place."""
-    scorer = GenerationScorer(backbone, samples=options.samples, seed=options.seed)
+    form = options.reward_form or "asg-kit"
+    scorer = GenerationScorer(backbone, samples=options.samples, seed=options.seed, form=form)
     groups: dict[str, list[ImageEntry]] = {}
     for entry in output.discovery.entries:
         groups.setdefault(entry.group, []).append(entry)
@@ -505,7 +511,7 @@ def _score_generations(backbone, output: ScoreOutput, options: ScoreOptions, con
                 loaded[entry.key] = load_image(entry.path, options.max_pixels)
             except BadImage as failure:
                 failed[entry.key] = str(failure)
-        diversity = _group_diversity(candidates, loaded, contents)
+        diversity = _group_diversity(candidates, loaded, contents, form)
         for entry in stale:
             row = done[entry.key]
             row.update(s_div=diversity[entry.key], group_input=group_input)

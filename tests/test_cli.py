@@ -40,3 +40,11 @@ def test_rewards_reports_the_bad_line(tmp_path):
     assert result.exit_code == 2 and "no vote records" in result.output
     result = runner.invoke(app, ["rewards", str(tmp_path / "missing.jsonl")])
     assert result.exit_code == 2 and "missing.jsonl" in result.output
+
+
+def test_train_refuses_an_unknown_reward_form(tmp_path):
+    from asg_kit.micro.pool import write_pool
+
+    write_pool(1, tmp_path / "pool")
+    result = CliRunner().invoke(app, ["train", "--images", str(tmp_path / "pool"), "--out", str(tmp_path / "run"), "--steps", "1", "--reward-form", "paper"])
+    assert result.exit_code == 2 and "reward_form 'paper'" in result.output

@@ -190,3 +190,25 @@ def test_difficulty_mode_on_unlabeled_images(judge_dir, tmp_path):
         assert row["bucket"] in ("easy", "medium", "hard", "unsolvable")
         assert len(row["answers"]) == 7 and len(row["candidates"]) >= 1
         assert 0.0 <= row["d_ste"] <= 1.0 and row["entropy"] >= 0.0
+
+
+def test_reward_form_released_is_a_recorded_setting(judge_dir, tmp_path):
+    from asg_kit.rewards.generation import diversity_contributions
+
+    folder = tmp_path / "side"
+    folder.mkdir()
+    images = renders(2, seed=4)  # two candidates: where the released diversity term differs most
+    for n, image in enumerate(images):
+        image.save(folder / f"{n}.png")
+        (folder / f"{n}.txt").write_text("a photo of a red circle")
+    out = tmp_path / "released.jsonl"
+    result = score(judge_dir, folder, "--samples", "1", "--reward-form", "released", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    shares = sorted(r["s_div"] for r in rows(out))
+    assert shares == pytest.approx(sorted(diversity_contributions(images, form="released")))
+    assert shares != pytest.approx(sorted(diversity_contributions(images)))  # the switch changes the diversity term
+    assert json.loads(out.with_suffix(".job.json").read_text())["reward_form"] == "released"
+    refused = score(judge_dir, folder, "--samples", "1", "--out", str(out))  # asg-kit's rules do not resume released rows
+    assert refused.exit_code == 2 and "reward_form" in refused.output
+    bad = score(judge_dir, folder, "--reward-form", "paper", "--out", str(tmp_path / "bad.jsonl"))
+    assert bad.exit_code == 2 and "--reward-form paper" in bad.output

@@ -304,7 +304,7 @@ def _train_loop(config: TrainConfig, resume: bool, log: Callable[[dict], None], 
     if config.flow_update not in ("flow_matching", "flow_grpo"):
         raise ValueError(f"flow_update {config.flow_update!r}: use 'flow_matching' or 'flow_grpo'")
     if config.reward_form not in (None, "asg-kit", "released"):
-        raise ValueError(f"reward_form {config.reward_form!r}: use 'released' or leave it unset (asg-kit's rules)")
+        raise UserError(f"reward_form {config.reward_form!r}: use 'released' or leave it unset (asg-kit's rules)")
     form = config.reward_form or "asg-kit"
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn when the roles are added
     placed = {key: value for key, value in {"device": device, "dtype": config.dtype, "upstream": config.upstream}.items() if value}
