@@ -448,7 +448,7 @@ def micro_train(
     vq_steps: Optional[int] = typer.Option(None, help="Steps of the VQ tokenizer stage (default: 2500, MicroTrainConfig)."),
     lm_steps: Optional[int] = typer.Option(None, help="Steps of the language/vision/generation stage (default: 10000)."),
 ) -> None:
-    """Train the micro model from scratch on the shapes world (about 40 minutes on 2 CPU cores with the defaults). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
+    """Train the micro model from scratch on the shapes world (about 45 minutes on 2 CPU cores with the defaults). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
     from asg_kit.checks import UserError
     from asg_kit.jsonl import JsonlError
     from asg_kit.micro.train import micro_config_for, train
