@@ -96,6 +96,9 @@ class JanusAdapter(LoraRoles):
         if lora is not None:  # lora=None: the bare model, e.g. for pretraining its own weights
             self._add_roles(lora, tuple(roles))
         self.model.eval()  # after LoRA injection, so that its dropout layers are off too
+        # transformers 5.2x renamed the KV-cache argument and warns on every call under the old name
+        forward_parameters = inspect.signature(model.model.language_model.forward).parameters
+        self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
 
         token_id = self.tokenizer.convert_tokens_to_ids
         self.image_token_id = model.config.image_token_id
@@ -241,15 +244,12 @@ class JanusAdapter(LoraRoles):
         return embeds
 
     def _hidden(self, embeds, mask, positions, cache=None) -> torch.Tensor:
-        language_model = self.model.model.language_model
-        # transformers 5.2x renamed the cache argument and warns on every call under the old name
-        cache_argument = "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
-        output = language_model(
+        output = self.model.model.language_model(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
             use_cache=cache is not None,
-            **{cache_argument: cache},
+            **{self._cache_argument: cache},
         )
         return output.last_hidden_state
 
