@@ -447,13 +447,14 @@ def micro_train(
     seed: int = typer.Option(0, help="Seed of the weights and of every batch."),
     vq_steps: Optional[int] = typer.Option(None, help="Steps of the VQ tokenizer stage (default: 2500, MicroTrainConfig)."),
     lm_steps: Optional[int] = typer.Option(None, help="Steps of the language/vision/generation stage (default: 10000)."),
+    refine_steps: Optional[int] = typer.Option(None, help="Steps of the Solver's refinement (default: 3000; 0 skips it)."),
 ) -> None:
-    """Train the micro model from scratch on the shapes world (about 45 minutes on 2 CPU cores with the defaults). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
+    """Train the micro model from scratch on the shapes world in three stages: VQ tokenizer, every role's job, the Solver's refinement (about 1 to 2.2 hours on 2 CPU cores with the defaults, depending on the CPU; README). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
     from asg_kit.checks import UserError
     from asg_kit.jsonl import JsonlError
     from asg_kit.micro.train import micro_config_for, train
 
-    given = {k: v for k, v in {"vq_steps": vq_steps, "lm_steps": lm_steps}.items() if v is not None}
+    given = {k: v for k, v in {"vq_steps": vq_steps, "lm_steps": lm_steps, "refine_steps": refine_steps}.items() if v is not None}
     if ctx.get_parameter_source("seed").name != "DEFAULT":
         given["seed"] = seed
     try:
@@ -462,16 +463,25 @@ def micro_train(
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
     progress = _progress()  # shown from the first step: a refused run prints its error line only
-    bars = {"vq": progress.add_task("VQ tokenizer", total=config.vq_steps), "lm": progress.add_task("language + vision + generation", total=config.lm_steps)}
+    totals = {"vq": config.vq_steps, "lm": config.lm_steps, "refine": config.refine_steps}
+    bars = {
+        "vq": progress.add_task("VQ tokenizer", total=totals["vq"]),
+        "lm": progress.add_task("language + vision + generation", total=totals["lm"]),
+        "refine": progress.add_task("Solver refinement", total=totals["refine"]),
+    }
 
     def log(row: dict) -> None:
         progress.start()
-        progress.update(bars[row["stage"]], completed=row["step"] + 1)
-        if row["stage"] == "lm":
-            progress.update(bars["vq"], completed=config.vq_steps)  # done, also when resumed past it
+        stage = row["stage"]
+        progress.update(bars[stage], completed=row["step"] + 1)
+        for earlier in list(bars)[: list(bars).index(stage)]:  # done, also when resumed past them
+            progress.update(bars[earlier], completed=totals[earlier])
+        if stage == "vq":
+            progress.update(bars["vq"], description=f"vq  reconstruction {row['reconstruction']:.4f}")
+        elif stage == "lm":
             progress.update(bars["lm"], description=f"lm  text {row['text_loss']:.3f}  image {row['image_loss']:.3f}")
         else:
-            progress.update(bars["vq"], description=f"vq  reconstruction {row['reconstruction']:.4f}")
+            progress.update(bars["refine"], description=f"refine  text {row['text_loss']:.3f}")
 
     try:
         export = train(config, run, log=log, notice=lambda line: errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False))

@@ -14,7 +14,6 @@ alone (S_fid) and with cycle consistency alone (S_cyc). AUC 0.5 is chance, 1.0 p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 
@@ -26,39 +25,6 @@ from asg_kit.adapters.registry import load_backbone
 from asg_kit.micro import world
 from asg_kit.rewards.scorers import GenerationScorer
 from asg_kit.specs import spec_from_geneval
-
-ERRORS = {
-    "wrong colour": ("colors", "color_attr"),
-    "wrong count": ("counting",),
-    "swapped position": ("position",),
-    "missing object": ("two_object", "color_attr", "position"),
-}
-
-
-def corrupt(scene: world.Scene, metadata: dict, error: str, rng: random.Random) -> world.Scene | None:
-    """The scene with one error that makes it contradict the prompt (None if impossible)."""
-    objects = list(scene.objects)
-    if error == "wrong colour":
-        clause = rng.choice([c for c in metadata["include"] if c.get("color")])
-        index = next(i for i, o in enumerate(objects) if o.shape == clause["class"])
-        colour = rng.choice([c for c in world.COLORS if c != clause["color"]])
-        objects[index] = dataclasses.replace(objects[index], color=colour)
-        return world.Scene(tuple(objects))
-    if error == "wrong count":
-        clause = metadata["include"][0]
-        if rng.random() < 0.5 or clause["count"] >= 4:
-            objects.pop(rng.randrange(len(objects)))
-            return world.Scene(tuple(objects))
-        extra = world.place(rng, [(o.shape, o.color, o.size) for o in objects] + [(clause["class"], rng.choice(list(world.COLORS)), "small")])
-        return world.Scene(extra) if extra else None
-    if error == "swapped position":
-        a, b = objects
-        return world.Scene((dataclasses.replace(a, cx=b.cx, cy=b.cy), dataclasses.replace(b, cx=a.cx, cy=a.cy)))
-    if error == "missing object":
-        objects.pop(rng.randrange(len(objects)))
-        return world.Scene(tuple(objects))
-    raise ValueError(error)
-
 
 def roc_auc(positives: list[float], negatives: list[float]) -> float:
     """P(score of a positive > score of a negative), ties counting half (Mann-Whitney)."""
@@ -79,12 +45,12 @@ def main() -> None:
     scorer = GenerationScorer(backbone, samples=args.samples, seed=args.seed)
     rng = random.Random(f"judge-validity-{args.seed}")
     results: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for error, categories in ERRORS.items():
+    for error, categories in world.ONE_ERRORS.items():
         pairs = results.setdefault(error, {"R_G": [], "S_fid": [], "S_cyc": []})
         while len(pairs["R_G"]) < args.pairs:
             metadata = world.sample_prompt(rng, rng.choice(categories))
             scene = world.scene_for_prompt(metadata, rng)
-            wrong = corrupt(scene, metadata, error, rng)
+            wrong = world.with_one_error(scene, metadata, error, rng)
             if wrong is None:
                 continue
             spec = spec_from_geneval(metadata)
@@ -97,8 +63,8 @@ def main() -> None:
     for column in ("error", "R_G (combined)", "QA fidelity alone", "cycle consistency alone"):
         table.add_column(column, justify="right")
     report = {}
-    for error in [*ERRORS, "overall"]:
-        chosen = list(ERRORS) if error == "overall" else [error]
+    for error in [*world.ONE_ERRORS, "overall"]:
+        chosen = list(world.ONE_ERRORS) if error == "overall" else [error]
         row = {}
         for signal in ("R_G", "S_fid", "S_cyc"):
             pairs = [p for e in chosen for p in results[e][signal]]

@@ -1,13 +1,15 @@
 """The shipped micro model: it loads offline through the registry, its ground-truth
 benchmarks run deterministically, and the CLI wraps them."""
 
+import random
+
 import pytest
 from typer.testing import CliRunner
 
 from asg_kit.adapters.micro import MicroAdapter
 from asg_kit.adapters.registry import load_backbone
 from asg_kit.cli import app
-from asg_kit.micro import benchmarks
+from asg_kit.micro import benchmarks, world
 from asg_kit.micro.model import micro_weights_dir
 
 pytestmark = pytest.mark.janus
@@ -40,10 +42,27 @@ def test_benchmarks_are_deterministic(micro):
 
 def test_shipped_model_is_a_competent_solver(micro):
     """A guard on the shipped weights, on 20 held-out questions of each kind (seed 9, not
-    the benchmark's): measured 79 % overall, colour and shape 95 %, position 35 %. Issue 15's
-    bar (80 % overall, 60 % on every kind of `asgkit bench`'s questions) is not met by
-    position questions yet (32 % there, README), so position has its own, lower floor."""
+    the benchmark's): measured 82 % overall, colour, shape and count 100 %, position 30 %.
+    Issue 15's bar (80 % overall, 60 % on every kind of `asgkit bench`'s questions) is not
+    met by position questions (22 % there, README: the model finds the axis but not the
+    direction), so position has its own floor, just under what was measured."""
     result = benchmarks.run_vqa(micro, benchmarks.vqa_items(per_kind=20, seed=9))
     assert result.accuracy >= 0.72, result.per_kind
     assert all(share >= 0.65 for kind, share in result.per_kind.items() if kind != "position"), result.per_kind
-    assert result.per_kind["position"] >= 0.25, result.per_kind
+    assert result.per_kind["position"] >= 0.2, result.per_kind
+
+
+def test_shipped_model_counts_what_a_counting_prompt_asks(micro):
+    """The judge's count questions: 2-5 objects of one shape (a counting prompt's scene, half
+    with one object too many or too few). Measured 92 % on 60 such scenes at the refinement's
+    step 2,000; the model before the refinement counted them right 21 % of the time."""
+    rng = random.Random("count-guard")
+    items = []
+    for _ in range(30):
+        metadata = world.sample_prompt(rng, "counting")
+        scene = world.scene_for_prompt(metadata, rng)
+        if rng.random() < 0.5:
+            scene = world.with_one_error(scene, metadata, "wrong count", rng) or scene
+        shape = metadata["include"][0]["class"]
+        items.append(benchmarks.VQAItem(scene, f"how many {world.PLURALS[shape]} are there ?", str(scene.count(shape=shape)), "count"))
+    assert benchmarks.run_vqa(micro, items).accuracy >= 0.7

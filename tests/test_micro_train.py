@@ -1,4 +1,4 @@
-"""The micro model's training script: it runs both stages, exports a loadable Janus, and a
+"""The micro model's training script: it runs its three stages, exports a loadable Janus, and a
 run stopped and resumed from its checkpoint ends bit-identical to one never stopped."""
 
 import json
@@ -12,7 +12,7 @@ from asg_kit.micro.train import MicroTrainConfig, train
 
 pytestmark = pytest.mark.janus
 
-TINY = dict(vq_steps=3, lm_steps=3, vq_batch=2, text_batch=2, image_batch=2, patch_batch=2, checkpoint_every=2, warmup=1, threads=1)
+TINY = dict(vq_steps=3, lm_steps=3, refine_steps=3, vq_batch=2, text_batch=2, image_batch=2, patch_batch=2, checkpoint_every=2, warmup=1, threads=1)
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
@@ -21,17 +21,35 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
     assert train(config, tmp_path / "parts", stop_after=2).name == "checkpoint"  # inside the VQ stage
     assert json.loads((tmp_path / "parts" / "checkpoint" / "progress.json").read_text()) == {"stage": "vq", "step": 2}
     assert train(config, tmp_path / "parts", stop_after=2).name == "checkpoint"  # inside the LM stage
+    assert train(config, tmp_path / "parts", stop_after=3).name == "checkpoint"  # inside the refine stage
+    assert json.loads((tmp_path / "parts" / "checkpoint" / "progress.json").read_text()) == {"stage": "refine", "step": 1}
     parts = train(config, tmp_path / "parts")
     a, b = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in rows} == {"vq", "lm"} and all(r["loss"] == r["loss"] for r in rows)
-    assert all(r["patch_loss"] > 0 for r in rows if r["stage"] == "lm")
-    # stopped exactly between the stages: the LM stage starts fresh, not from the VQ optimizer
-    assert train(config, tmp_path / "at-boundary", stop_after=TINY["vq_steps"]).name == "checkpoint"
-    boundary = train(config, tmp_path / "at-boundary")
-    c = load_file(boundary / "model.safetensors")
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert {r["stage"] for r in rows} == {"vq", "lm", "refine"} and all(r["loss"] == r["loss"] for r in rows)
+    assert all(r["patch_loss"] > 0 and r["image_loss"] > 0 for r in rows if r["stage"] != "vq")
+    # stopped exactly between two stages: the next starts fresh, not from the last one's optimizer
+    for boundary in (TINY["vq_steps"], TINY["vq_steps"] + TINY["lm_steps"]):
+        assert train(config, tmp_path / f"at-{boundary}", stop_after=boundary).name == "checkpoint"
+        c = load_file(train(config, tmp_path / f"at-{boundary}") / "model.safetensors")
+        assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_refine_stage_trains_all_but_the_tokenizer(tmp_path):
+    without = load_file(train(MicroTrainConfig(**{**TINY, "refine_steps": 0}), tmp_path / "two") / "model.safetensors")
+    refined = load_file(train(MicroTrainConfig(**TINY), tmp_path / "three") / "model.safetensors")
+    changed = {k for k in without if not torch.equal(without[k], refined[k])}
+    for part in ("model.vision_model.", "model.language_model.", "model.generation_head."):
+        assert any(k.startswith(part) for k in changed), part
+    assert not any(k.startswith("model.vqmodel.") for k in changed)
+
+
+def test_refine_settings_are_checked(tmp_path):
+    from asg_kit.checks import UserError
+
+    with pytest.raises(UserError, match="refine-steps"):
+        train(MicroTrainConfig(**{**TINY, "refine_steps": -1}), tmp_path / "bad")
 
 
 def test_exported_model_loads_as_janus_with_unit_codebook(tmp_path):

@@ -28,8 +28,8 @@ def test_every_task_text_is_in_the_vocabulary():
 
     tokenizer = build_word_tokenizer(tasks.vocabulary())
     rng = random.Random(99)
-    for _ in range(300):
-        example = tasks.text_example(rng, image_size=8)
+    for i in range(300):
+        example = tasks.text_example(rng, image_size=8, mix=(tasks.PRETRAIN, tasks.REFINE)[i % 2])
         drawing = tasks.image_example(rng, image_size=8)
         for text in (example.prompt, example.target, drawing.prompt, prompts.CAPTION, prompts.EMBED_PROBE):
             assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text
@@ -44,3 +44,39 @@ def test_examples_are_true_of_their_images():
     assert len(judged) > 40 and all(verdict == (True, "correct") for verdict in judged)
     spec_example = tasks.text_example(random.Random(1), "spec")
     assert prompts.parse_spec(spec_example.target).qa
+
+
+def test_one_error_contradicts_the_prompt():
+    from asg_kit.micro.benchmarks import judge_image
+
+    rng = random.Random(6)
+    for error, categories in world.ONE_ERRORS.items():
+        broken = 0
+        for _ in range(12):
+            metadata = world.sample_prompt(rng, rng.choice(categories))
+            scene = world.scene_for_prompt(metadata, rng)
+            wrong = world.with_one_error(scene, metadata, error, rng)
+            if wrong is not None:
+                assert judge_image(metadata, world.render(scene)) == (True, "correct")
+                broken += not judge_image(metadata, world.render(wrong))[0]
+        assert broken >= 10, error
+
+
+def test_refine_mix_answers_what_a_judge_asks():
+    """Stage 3's answers include the spec's "is there a circle ?" form, answered right, count
+    several objects of one shape far more often than stage 2's, and ask about positions more."""
+    scene = world.Scene((world.Obj("circle", "red", "big", 0.3, 0.5), world.Obj("cross", "blue", "small", 0.7, 0.5)))
+    assert {(q.question, q.answer) for q in world.presence_questions(scene)} == {
+        ("is there a circle ?", "yes"), ("is there a cross ?", "yes"), ("is there a square ?", "no"), ("is there a triangle ?", "no")
+    }
+
+    def share(mix, predicate):
+        rng = random.Random(3)
+        return sum(predicate(tasks.text_example(rng, "answer", image_size=8, mix=mix)) for _ in range(600)) / 600
+
+    several = lambda e: "how many" in e.prompt and split_answer(e.target)[0] in ("2", "3", "4", "5")
+    position = lambda e: "relative to" in e.prompt or any(f" {r} " in e.prompt for r in world.RELATIONS)
+    presence = lambda e: "is there a circle ?" in e.prompt
+    assert share(tasks.REFINE, several) > 3 * share(tasks.PRETRAIN, several)
+    assert share(tasks.REFINE, position) > share(tasks.PRETRAIN, position)
+    assert share(tasks.REFINE, presence) > 0 == share(tasks.PRETRAIN, presence)

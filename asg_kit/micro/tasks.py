@@ -11,8 +11,35 @@ from PIL import Image
 from asg_kit import prompts, specs
 from asg_kit.micro import world
 
-# Share of each understanding task in a batch.
-TASK_WEIGHTS = {"answer": 0.6, "caption": 0.1, "ask": 0.1, "spec": 0.1, "decompose": 0.1}
+
+
+@dataclass(frozen=True)
+class TaskMix:
+    """What a batch of understanding examples holds."""
+
+    task_weights: dict[str, float]  # share of each task
+    # Share of answer examples that are a judge's: one of a GenEval-style prompt's spec
+    # questions (``specs.spec_from_geneval``) about a scene drawn for it, half of them with
+    # one error against the prompt (``world.prompt_scene``). A random scene rarely holds
+    # three circles or a clear relation.
+    prompt_scene_share: float = 0.0
+    prompt_categories: dict[str, float] | None = None  # weights of those prompts' categories (None: even)
+    kind_weights: dict[str, float] | None = None  # question kinds (None: even)
+    presence_questions: bool = False  # also "is there a circle ?", the spec's uncoloured form
+
+
+# Stage 2 (``train``): every role's job on random scenes.
+PRETRAIN = TaskMix({"answer": 0.6, "caption": 0.1, "ask": 0.1, "spec": 0.1, "decompose": 0.1})
+# Stage 3: the Solver as a judge, with the kinds the pretrained model answers worst
+# (positions, counts of several objects) drawn more often; the other roles keep a share so
+# they are not lost.
+REFINE = TaskMix(
+    {"answer": 0.75, "caption": 0.1, "ask": 0.05, "spec": 0.05, "decompose": 0.05},
+    prompt_scene_share=0.5,
+    prompt_categories={"counting": 3.0, "position": 3.0},  # several objects of one shape; a clear relation
+    kind_weights={"position": 8.0, "yesno": 4.0, "count": 3.0},
+    presence_questions=True,
+)
 
 
 @dataclass(frozen=True)
@@ -30,16 +57,24 @@ class ImageExample:
     metadata: dict | None  # GenEval metadata when the prompt is one of its templates
 
 
-def text_example(rng: random.Random, task: str | None = None, image_size: int = 64) -> TextExample:
-    task = task or rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()))[0]
+def text_example(rng: random.Random, task: str | None = None, image_size: int = 64, mix: TaskMix = PRETRAIN) -> TextExample:
+    task = task or rng.choices(list(mix.task_weights), weights=list(mix.task_weights.values()))[0]
     if task == "decompose":
         metadata = world.sample_prompt(rng)
         spec = specs.spec_from_geneval(metadata)
         return TextExample(task, None, specs.decompose_prompt(metadata["prompt"]), prompts.format_spec(spec))
-    scene = world.sample_scene(rng)
+    judged = None  # the spec questions of the prompt a scene was drawn for, when it was
+    if task == "answer" and mix.prompt_scene_share > 0 and rng.random() < mix.prompt_scene_share:
+        metadata, scene = world.prompt_scene(rng, category_weights=mix.prompt_categories)
+        judged = [q.question for q in specs.spec_from_geneval(metadata).qa]
+    else:
+        scene = world.sample_scene(rng)
     image = world.render(scene, image_size)
     if task == "answer":
-        qa = world.sample_question(scene, rng)
+        extra = world.presence_questions(scene) if mix.presence_questions else []
+        # a spec question has a true answer here unless the error made it ambiguous
+        answerable = [qa for qa in [*world.scene_questions(scene), *extra] if qa.question in (judged or ())]
+        qa = rng.choice(answerable) if answerable else world.sample_question(scene, rng, mix.kind_weights, extra)
         framing = rng.randrange(len(prompts.SOLVER_FRAMINGS))
         return TextExample(task, image, prompts.solver_prompt(qa.question, framing), prompts.format_answer(qa.answer))
     if task == "caption":
@@ -48,7 +83,7 @@ def text_example(rng: random.Random, task: str | None = None, image_size: int = 
         return TextExample(task, image, prompts.PROPOSER_QUESTION, world.sample_question(scene, rng).question)
     if task == "spec":
         return TextExample(task, image, prompts.PROPOSER_SPEC, prompts.format_spec(world.spec_for_scene(scene, rng)))
-    raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASK_WEIGHTS)}")
+    raise ValueError(f"unknown task {task!r}; tasks: {', '.join(PRETRAIN.task_weights)}")
 
 
 def image_example(rng: random.Random, image_size: int = 64, caption_share: float = 0.3) -> ImageExample:

@@ -1,6 +1,6 @@
 """Train the micro model from scratch on the shapes world, on a CPU.
 
-A tiny Janus (``asg_kit.micro.model``) learns in two stages:
+A tiny Janus (``asg_kit.micro.model``) learns in three stages:
 
 1. ``vq``: its VQ image tokenizer learns to encode and decode renders (cosine-distance
    codebook with straight-through gradients, dead codes restarted from encoder outputs);
@@ -13,7 +13,14 @@ A tiny Janus (``asg_kit.micro.model``) learns in two stages:
    mean token log-prob, so one-word answers weigh as much as long specs, and the vision
    encoder's patch tokens are supervised densely (``PatchHeads``: the colour and shape
    under each patch and the patch's row and column), so it sees shapes and where they are
-   long before one answer token per example could teach it.
+   long before one answer token per example could teach it;
+3. ``refine``: with a fresh optimizer at a constant, lower rate, the text examples turn to
+   the Solver's two jobs (``tasks.REFINE``): answering, with position, yes/no and count
+   questions drawn more often (the kinds stage 2 leaves weakest), and judging: half its
+   answers are about a GenEval-style prompt's scene (counting and position prompts
+   weighted up), half of those with one error against the prompt (``world.prompt_scene``),
+   asked in the forms a prompt's spec asks. Drawing is trained as in stage 2, so that
+   generation is kept (without it the shared trunk drifts: shapes-GenEval fell 7 points).
 
 Every batch is drawn from an RNG seeded by (seed, stage, step), so a run resumed from its
 last checkpoint sees the same data as one never stopped. Checkpoints are written
@@ -70,6 +77,10 @@ class MicroTrainConfig:
     # "example": each text example's mean token log-prob counts equally, so one-word answers
     # weigh as much as long specs; "token": every target token counts equally.
     text_loss: str = "example"
+    # Stage 3, the Solver's refinement: a fresh optimizer at a constant rate (after warmup),
+    # the text mix ``tasks.REFINE``, drawing and patch supervision as in stage 2; 0 skips it.
+    refine_steps: int = 3000
+    refine_lr: float = 5e-4
     checkpoint_every: int = 250
     threads: int = 0  # 0: torch's default
 
@@ -164,6 +175,10 @@ def _claim(config: MicroTrainConfig, out: Path, notice: Callable[[str], None]) -
     check_seed(config.seed)
     if config.text_loss not in ("example", "token"):
         raise UserError(f"text_loss={config.text_loss!r}: use 'example' or 'token'")
+    if isinstance(config.refine_steps, bool) or not isinstance(config.refine_steps, int) or config.refine_steps < 0:
+        raise UserError(f"--refine-steps {config.refine_steps!r}: use a whole number >= 0 (0 skips the Solver's refinement)")
+    if not config.refine_lr > 0:
+        raise UserError(f"refine_lr={config.refine_lr!r}: use a number > 0")
     if not config.patch_loss_weight >= 0:
         raise UserError(f"patch_loss_weight={config.patch_loss_weight!r}: use a number >= 0")
     for name in ("vq_steps", "lm_steps", "checkpoint_every", "image_size", "vq_batch", "text_batch", "image_batch", "patch_batch"):
@@ -199,7 +214,7 @@ def train(
     stop_after: int | None = None,
     notice: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> Path:
-    """Run (or resume) both stages in ``out`` and export the model to ``out/model``.
+    """Run (or resume) the three stages in ``out`` and export the model to ``out/model``.
 
     ``log`` receives one dict per logged step; ``stop_after`` ends the run after that many
     optimizer steps in this call (for tests of resuming). Returns the export folder, or the
@@ -231,11 +246,11 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         metrics.unlink(missing_ok=True)
     else:
         model, processor, progress, optimizer_state = loaded
-        if progress == {"stage": "lm", "step": 0}:  # saved at the end of stage 1: its optimizer is the VQ's
+        if progress["step"] == 0:  # saved at the end of a stage: its optimizer is that stage's
             optimizer_state = None
         cut_torn_line(metrics)  # a run killed during an append left half a row
         if metrics.exists():  # rows written after the checkpoint are written again
-            order = {"vq": 0, "lm": 1, "done": 2}
+            order = {"vq": 0, "lm": 1, "refine": 2, "done": 3}
             at = (order[progress["stage"]], progress["step"])
             write_jsonl_atomic(metrics, [row for _, row in read_jsonl(metrics) if (order[row["stage"]], row["step"]) < at])
     budget = stop_after if stop_after is not None else math.inf
@@ -286,8 +301,11 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         progress, optimizer_state = {"stage": "lm", "step": 0}, None
         _save_checkpoint(out, model, processor, optimizer, progress)
 
-    # Stage 2: vision encoder, language model and generation head ------------------------
-    if progress["stage"] == "lm":
+    # Stages 2 and 3: vision encoder, language model and generation head; then the Solver --
+    stages = [("lm", config.lm_steps, tasks.PRETRAIN, True), ("refine", config.refine_steps, tasks.REFINE, True)]
+    for index, (stage, steps, mix, draws) in enumerate(stages):
+        if progress["stage"] != stage:
+            continue
         backbone = JanusAdapter(model, processor, lora=None)
         trainable = [p for name, p in model.named_parameters() if not name.startswith("model.vqmodel.")]
         for parameter in model.parameters():
@@ -310,15 +328,16 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             optimizer.load_state_dict(optimizer_state)
         grid = config.image_size // model.config.vision_config.patch_size
         started = time.time()
-        for step in range(progress["step"], config.lm_steps):
+        for step in range(progress["step"], steps):
             if budget <= 0:
-                _save_checkpoint(out, model, processor, optimizer, {"stage": "lm", "step": step}, heads)
+                _save_checkpoint(out, model, processor, optimizer, {"stage": stage, "step": step}, heads)
                 return out / "checkpoint"
+            lr = _lr(config, step) if stage == "lm" else config.refine_lr * min(1.0, (step + 1) / config.warmup)
             for group in optimizer.param_groups:
-                group["lr"] = _lr(config, step)
-            rng = _rng(config, "lm", step)
+                group["lr"] = lr
+            rng = _rng(config, stage, step)
 
-            texts = [tasks.text_example(rng, image_size=config.image_size) for _ in range(config.text_batch)]
+            texts = [tasks.text_example(rng, image_size=config.image_size, mix=mix) for _ in range(config.text_batch)]
             requests = [AnswerRequest(example.image, example.prompt) for example in texts]
             completions = [backbone.encode_completion(example.target) for example in texts]
             scores = backbone.score_completions(requests, completions)
@@ -327,21 +346,23 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             else:
                 text_loss = -(scores.logprobs.sum() / scores.mask.sum())
 
-            drawings = [tasks.image_example(rng, config.image_size) for _ in range(config.image_batch)]
-            with torch.no_grad():
-                _, _, ids = quantize(vq, pixels_to_tensor([d.image for d in drawings]))
-            prompt_ids = [backbone.generation_prompt_ids(d.prompt) for d in drawings]
-            prompt_ids = [backbone.unconditional_ids(p) if rng.random() < config.uncond_share else p for p in prompt_ids]
-            rollout = ImageRollout(
-                prompts=[d.prompt for d in drawings],
-                prompt_ids=prompt_ids,
-                prompt_index=list(range(len(drawings))),
-                tokens=ids.reshape(len(drawings), -1),
-                behaviour_logprobs=torch.zeros(ids.shape[0], ids[0].numel()),
-                guidance_scale=1.0,
-                temperature=1.0,
-            )
-            image_loss = -backbone.generation_logprobs(rollout).mean()
+            image_loss = torch.zeros(())
+            if draws:
+                drawings = [tasks.image_example(rng, config.image_size) for _ in range(config.image_batch)]
+                with torch.no_grad():
+                    _, _, ids = quantize(vq, pixels_to_tensor([d.image for d in drawings]))
+                prompt_ids = [backbone.generation_prompt_ids(d.prompt) for d in drawings]
+                prompt_ids = [backbone.unconditional_ids(p) if rng.random() < config.uncond_share else p for p in prompt_ids]
+                rollout = ImageRollout(
+                    prompts=[d.prompt for d in drawings],
+                    prompt_ids=prompt_ids,
+                    prompt_index=list(range(len(drawings))),
+                    tokens=ids.reshape(len(drawings), -1),
+                    behaviour_logprobs=torch.zeros(ids.shape[0], ids[0].numel()),
+                    guidance_scale=1.0,
+                    temperature=1.0,
+                )
+                image_loss = -backbone.generation_logprobs(rollout).mean()
 
             patch_loss = torch.zeros(())
             if config.patch_loss_weight > 0:
@@ -357,15 +378,17 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
             budget -= 1
-            row = {"stage": "lm", "step": step, "loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(), "patch_loss": patch_loss.item(), "lr": _lr(config, step), "seconds": time.time() - started}
-            if step % 25 == 0 or step == config.lm_steps - 1:
+            row = {"stage": stage, "step": step, "loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(), "patch_loss": patch_loss.item(), "lr": lr, "seconds": time.time() - started}
+            if step % 25 == 0 or step == steps - 1:
                 log(row)
                 with metrics.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
             if (step + 1) % config.checkpoint_every == 0:
-                _save_checkpoint(out, model, processor, optimizer, {"stage": "lm", "step": step + 1}, heads)
-        progress = {"stage": "done", "step": 0}
-        model.eval()
+                _save_checkpoint(out, model, processor, optimizer, {"stage": stage, "step": step + 1}, heads)
+        following = stages[index + 1][0] if index + 1 < len(stages) else "done"
+        progress, optimizer_state = {"stage": following, "step": 0}, None
+        if following == "done":
+            model.eval()
         _save_checkpoint(out, model, processor, optimizer, progress)
 
     export = out / "model"

@@ -9,7 +9,7 @@ the same scenes, texts and pixels.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from PIL import Image, ImageDraw
@@ -222,12 +222,20 @@ def scene_questions(scene: Scene) -> list[QA]:
     return out
 
 
-def sample_question(scene: Scene, rng: random.Random) -> QA:
-    """A question drawn evenly over kinds, then over the questions of that kind."""
+def presence_questions(scene: Scene) -> list[QA]:
+    """"is there a circle ?" for each shape: the form a prompt's spec asks of an uncoloured
+    object (``specs.spec_from_geneval``), which ``scene_questions`` leaves out."""
+    return [QA(f"is there a {shape} ?", "yes" if scene.count(shape=shape) else "no", "exist") for shape in SHAPES]
+
+
+def sample_question(scene: Scene, rng: random.Random, kind_weights: dict[str, float] | None = None, extra: Iterable[QA] = ()) -> QA:
+    """A question drawn over kinds (evenly, or by ``kind_weights``, 1 for a kind not named),
+    then over the questions of that kind; ``extra`` questions join the scene's."""
     by_kind: dict[str, list[QA]] = {}
-    for qa in scene_questions(scene):
+    for qa in [*scene_questions(scene), *extra]:
         by_kind.setdefault(qa.kind, []).append(qa)
-    kind = rng.choice(sorted(by_kind))
+    kinds = sorted(by_kind)
+    kind = rng.choice(kinds) if kind_weights is None else rng.choices(kinds, weights=[kind_weights.get(k, 1.0) for k in kinds])[0]
     options = by_kind[kind]
     if kind == "exist":  # as many yes as no
         yes = [q for q in options if q.answer == "yes"]
@@ -306,6 +314,54 @@ def scene_for_prompt(metadata: dict, rng: random.Random, margin: float = 2 * POS
                 ok &= all(relation in relations(s, t, margin) for s in subject for t in anchor)
         if ok:
             return scene
+
+
+ONE_ERRORS: dict[str, tuple[str, ...]] = {  # each error and the prompt categories it can break
+    "wrong colour": ("colors", "color_attr"),
+    "wrong count": ("counting",),
+    "swapped position": ("position",),
+    "missing object": ("two_object", "color_attr", "position"),
+}
+
+
+def with_one_error(scene: Scene, metadata: dict, error: str, rng: random.Random) -> Scene | None:
+    """``scene`` (made for ``metadata``) with one error that contradicts the prompt: a wrong
+    colour, one object too many or too few, the two objects' positions swapped, or an object
+    missing. None when the error cannot be made (no room for an extra object)."""
+    objects = list(scene.objects)
+    if error == "wrong colour":
+        clause = rng.choice([c for c in metadata["include"] if c.get("color")])
+        index = next(i for i, o in enumerate(objects) if o.shape == clause["class"])
+        colour = rng.choice([c for c in COLORS if c != clause["color"]])
+        objects[index] = replace(objects[index], color=colour)
+        return Scene(tuple(objects))
+    if error == "wrong count":
+        clause = metadata["include"][0]
+        if rng.random() < 0.5 or clause["count"] >= 4:
+            objects.pop(rng.randrange(len(objects)))
+            return Scene(tuple(objects))
+        extra = place(rng, [(o.shape, o.color, o.size) for o in objects] + [(clause["class"], rng.choice(list(COLORS)), "small")])
+        return Scene(extra) if extra else None
+    if error == "swapped position":
+        a, b = objects
+        return Scene((replace(a, cx=b.cx, cy=b.cy), replace(b, cx=a.cx, cy=a.cy)))
+    if error == "missing object":
+        objects.pop(rng.randrange(len(objects)))
+        return Scene(tuple(objects))
+    raise ValueError(f"unknown error {error!r}; errors: {', '.join(ONE_ERRORS)}")
+
+
+def prompt_scene(rng: random.Random, error_share: float = 0.5, category_weights: dict[str, float] | None = None) -> tuple[dict, Scene]:
+    """A random GenEval-style prompt (its category drawn evenly, or by ``category_weights``,
+    1 for a category not named) and a scene for it, with probability ``error_share`` one
+    error against it: the images a Solver judges during generation steps."""
+    category = rng.choices(CATEGORIES, weights=[category_weights.get(c, 1.0) for c in CATEGORIES])[0] if category_weights else None
+    metadata = sample_prompt(rng, category)
+    scene = scene_for_prompt(metadata, rng)
+    errors = [e for e, categories in ONE_ERRORS.items() if metadata["tag"] in categories]
+    if errors and rng.random() < error_share:
+        scene = with_one_error(scene, metadata, rng.choice(errors), rng) or scene
+    return metadata, scene
 
 
 def spec_for_scene(scene: Scene, rng: random.Random, max_pairs: int = 3):
