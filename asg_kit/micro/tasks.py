@@ -73,7 +73,7 @@ def text_example(rng: random.Random, task: str | None = None, image_size: int = 
     if task == "answer":
         extra = world.presence_questions(scene) if mix.presence_questions else []
         # a spec question has a true answer here unless the error made it ambiguous
-        answerable = [qa for qa in [*world.scene_questions(scene), *extra] if qa.question in (judged or ())]
+        answerable = [qa for qa in [*world.scene_questions(scene), *extra] if qa.question in judged] if judged else []
         qa = rng.choice(answerable) if answerable else world.sample_question(scene, rng, mix.kind_weights, extra)
         framing = rng.randrange(len(prompts.SOLVER_FRAMINGS))
         return TextExample(task, image, prompts.solver_prompt(qa.question, framing), prompts.format_answer(qa.answer))
