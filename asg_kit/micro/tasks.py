@@ -12,7 +12,6 @@ from asg_kit import prompts, specs
 from asg_kit.micro import world
 
 
-
 @dataclass(frozen=True)
 class TaskMix:
     """What a batch of understanding examples holds."""

@@ -302,8 +302,8 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         _save_checkpoint(out, model, processor, optimizer, progress)
 
     # Stages 2 and 3: vision encoder, language model and generation head; then the Solver --
-    stages = [("lm", config.lm_steps, tasks.PRETRAIN, True), ("refine", config.refine_steps, tasks.REFINE, True)]
-    for index, (stage, steps, mix, draws) in enumerate(stages):
+    stages = [("lm", config.lm_steps, tasks.PRETRAIN), ("refine", config.refine_steps, tasks.REFINE)]
+    for index, (stage, steps, mix) in enumerate(stages):
         if progress["stage"] != stage:
             continue
         backbone = JanusAdapter(model, processor, lora=None)
@@ -346,23 +346,21 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             else:
                 text_loss = -(scores.logprobs.sum() / scores.mask.sum())
 
-            image_loss = torch.zeros(())
-            if draws:
-                drawings = [tasks.image_example(rng, config.image_size) for _ in range(config.image_batch)]
-                with torch.no_grad():
-                    _, _, ids = quantize(vq, pixels_to_tensor([d.image for d in drawings]))
-                prompt_ids = [backbone.generation_prompt_ids(d.prompt) for d in drawings]
-                prompt_ids = [backbone.unconditional_ids(p) if rng.random() < config.uncond_share else p for p in prompt_ids]
-                rollout = ImageRollout(
-                    prompts=[d.prompt for d in drawings],
-                    prompt_ids=prompt_ids,
-                    prompt_index=list(range(len(drawings))),
-                    tokens=ids.reshape(len(drawings), -1),
-                    behaviour_logprobs=torch.zeros(ids.shape[0], ids[0].numel()),
-                    guidance_scale=1.0,
-                    temperature=1.0,
-                )
-                image_loss = -backbone.generation_logprobs(rollout).mean()
+            drawings = [tasks.image_example(rng, config.image_size) for _ in range(config.image_batch)]
+            with torch.no_grad():
+                _, _, ids = quantize(vq, pixels_to_tensor([d.image for d in drawings]))
+            prompt_ids = [backbone.generation_prompt_ids(d.prompt) for d in drawings]
+            prompt_ids = [backbone.unconditional_ids(p) if rng.random() < config.uncond_share else p for p in prompt_ids]
+            rollout = ImageRollout(
+                prompts=[d.prompt for d in drawings],
+                prompt_ids=prompt_ids,
+                prompt_index=list(range(len(drawings))),
+                tokens=ids.reshape(len(drawings), -1),
+                behaviour_logprobs=torch.zeros(ids.shape[0], ids[0].numel()),
+                guidance_scale=1.0,
+                temperature=1.0,
+            )
+            image_loss = -backbone.generation_logprobs(rollout).mean()
 
             patch_loss = torch.zeros(())
             if config.patch_loss_weight > 0:
