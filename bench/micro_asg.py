@@ -313,6 +313,10 @@ def _fmt(value, scale: float = 1.0, digits: int = 3) -> str:
     return "n/a" if value is None else f"{scale * value:.{digits}f}"
 
 
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def _interval(entry: dict, signed: bool = False) -> str:
     sign = "+" if signed else ""
     text = f"{100 * entry['mean']:{sign}.1f}"
@@ -375,8 +379,8 @@ def diagnosis_markdown(rows: dict, diagnosis: dict) -> str:
         for e in entries:
             o = e["solver_majority"]["overall"]
             per_bin = " ".join(f"{b['steps'][0]}:{_fmt(b['majority_right_rate'], 100, 0)}" for b in e["solver_majority"]["bins"])
-            lines.append(f"| {VARIANTS[variant][0]} | {e['seed']} | {e['steps']} | {o['questions']} | {_fmt(o['parsable_share'], 100, 0)}% | "
-                         f"{_fmt(o['majority_right_rate'], 100, 0)}% | {_fmt(o['greedy_right_rate'], 100, 0)}% | {per_bin} |")  # fmt: skip
+            lines.append(f"| {VARIANTS[variant][0]} | {e['seed']} | {e['steps']} | {o['questions']} | {_percent(o['parsable_share'])} | "
+                         f"{_percent(o['majority_right_rate'])} | {_percent(o['greedy_right_rate'])} | {per_bin} |")  # fmt: skip
     lines += ["", "## Which questions did the Proposer ask? (parsable ones, pooled over seeds)", "",
               "Per bin of steps: questions of each kind asked, and in brackets how many of their majorities were right.", "",
               "| variant | steps | " + " | ".join(QUESTION_KINDS) + " |", "|---|---|" + "---|" * len(QUESTION_KINDS)]  # fmt: skip
@@ -395,8 +399,8 @@ def diagnosis_markdown(rows: dict, diagnosis: dict) -> str:
     judged = [("base micro model", diagnosis.get("base_judge"))] + [(f"{VARIANTS[v][0]} s{e['seed']}", e["judge"]) for v, es in diagnosis["variants"].items() for e in es]
     for label, j in judged:
         if j:
-            lines.append(f"| {label} | {j['prompts']} | {j['separated_pairs']} | {_fmt(j['pairwise_agreement'], 100, 0)}% | {j['judge_ties']} | "
-                         f"{_fmt(j['top_candidate_right'], 100, 0)}% | {_fmt(j['mean_candidate_right'], 100, 0)}% |")  # fmt: skip
+            lines.append(f"| {label} | {j['prompts']} | {j['separated_pairs']} | {_percent(j['pairwise_agreement'])} | {j['judge_ties']} | "
+                         f"{_percent(j['top_candidate_right'])} | {_percent(j['mean_candidate_right'])} |")  # fmt: skip
     lines += ["", "## What the gates skipped", "", "| variant | seed | solver | proposer | generator | buckets |", "|---|---|---|---|---|---|"]
     for variant, entries in diagnosis["variants"].items():
         for e in entries:
@@ -442,8 +446,8 @@ def diagnosis_summary(diagnosis: dict) -> list[str]:
                          f"(50% is chance); its top candidate was right {100 * top:.0f}% of the time, the mean candidate {100 * mean:.0f}%.")  # fmt: skip
     base = diagnosis.get("base_judge")
     if base and base["separated_pairs"]:
-        lines.append(f"- base micro model: judge-detector agreement {_fmt(base['pairwise_agreement'], 100, 0)}% of {base['separated_pairs']} pairs; "
-                     f"top candidate right {_fmt(base['top_candidate_right'], 100, 0)}%, mean candidate {_fmt(base['mean_candidate_right'], 100, 0)}%.")  # fmt: skip
+        lines.append(f"- base micro model: judge-detector agreement {_percent(base['pairwise_agreement'])} of {base['separated_pairs']} pairs; "
+                     f"top candidate right {_percent(base['top_candidate_right'])}, mean candidate {_percent(base['mean_candidate_right'])}.")  # fmt: skip
     return lines or ["- no finished run to measure"]
 
 
