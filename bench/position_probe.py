@@ -101,7 +101,9 @@ def main() -> None:
                 patch_states.setdefault("aligner (LM input)" if layer == 0 else f"LM layer {layer}", []).append(h[0, slots])
 
     console = Console()
-    columns = (torch.arange(vision.shape[0]) % round(vision.shape[0] ** 0.5)).repeat(min(args.images, args.questions))
+    encoded = patch_states["vision encoder"]  # one (patches, width) tensor per probed image
+    patches = encoded[0].shape[0]
+    columns = (torch.arange(patches) % round(patches**0.5)).repeat(len(encoded))
     shuffle = torch.randperm(len(columns))
     table = Table(title="image tokens: patch column")
     table.add_column("stage")
