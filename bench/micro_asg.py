@@ -49,6 +49,9 @@ ablations; OMP_NUM_THREADS=1 each), about 5 minutes per run.
 
     python bench/micro_asg.py --out runs/micro_asg
     python bench/micro_asg.py --out runs/micro_asg --variants full --seeds 5
+    # one process per seed (after one call has written the pool and the base, e.g. --only-seeds 0):
+    OMP_NUM_THREADS=1 python bench/micro_asg.py --out runs/micro_asg --variants no_ste --ablation-seeds 3 --only-seeds 1 &
+    OMP_NUM_THREADS=1 python bench/micro_asg.py --out runs/micro_asg --variants no_ste --ablation-seeds 3 --only-seeds 2 &
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--seeds", type=int, default=3, help="runs of the full method, seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--ablation-seeds", type=int, default=1, help="runs of each ablation, seeds 0..N-1 (default: %(default)s)")
+    parser.add_argument("--only-seeds", default=None, help="comma-separated seeds this call trains (default: all); the variants' other seeds join the report once finished in --out, so one process per seed can share a study")
     parser.add_argument("--evals", type=int, default=2, help="evaluations per run, evenly spaced, the last at the end (default: %(default)s; the base is step 0)")
     train = parser.add_argument_group("training (the same for every run; a run's seed is its TrainConfig seed)")
     train.add_argument("--steps", type=int, default=600, help="training steps per run (default: %(default)s)")
@@ -123,6 +127,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not variants:
         parser.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
     args.variants = list(dict.fromkeys(variants))
+    if args.only_seeds is not None:
+        try:
+            args.only_seeds = sorted({int(seed) for seed in args.only_seeds.split(",") if seed.strip()})
+        except ValueError:
+            parser.error(f"--only-seeds {args.only_seeds!r}: give whole numbers separated by commas, e.g. 1,2")
+        if not args.only_seeds or args.only_seeds[0] < 0:
+            parser.error("--only-seeds: give one or more seeds >= 0")
+        most = max(args.seeds if variant == "full" else args.ablation_seeds for variant in args.variants)
+        if args.only_seeds[-1] >= most:
+            parser.error(f"--only-seeds {args.only_seeds[-1]}: these variants run seeds 0..{most - 1} (--seeds, --ablation-seeds)")
     return args
 
 
@@ -514,24 +528,31 @@ def main(argv: list[str] | None = None) -> dict:
     began = time.time()
     studies: dict[str, list[dict]] = {}
     for variant in args.variants:
-        seeds = args.seeds if variant == "full" else args.ablation_seeds
-        studies[variant] = [run_one(args, bench, out, pool, variant, seed) for seed in range(seeds)]
+        seeds = range(args.seeds if variant == "full" else args.ablation_seeds)
+        runs = {seed: run_one(args, bench, out, pool, variant, seed) for seed in seeds if args.only_seeds is None or seed in args.only_seeds}
+        if args.only_seeds is not None:  # seeds left to other calls count once they have finished
+            others = {seed: study for seed, study in finished_runs(args, bench, out, variant).items() if seed in seeds and seed not in runs}
+            if others:
+                say(f"{variant}: finished run(s) of seed(s) {', '.join(map(str, others))} found in {out}, added to the report")
+            runs.update(others)
+        if runs:
+            studies[variant] = [runs[seed] for seed in sorted(runs)]
     for variant in VARIANTS:  # runs of other variants made earlier in this folder with these settings join the report
         if variant not in studies:
             found = finished_runs(args, bench, out, variant)
             if found:
                 say(f"{variant}: {len(found)} finished run(s) found in {out}, added to the report")
-                studies[variant] = found
+                studies[variant] = [found[seed] for seed in sorted(found)]
     studies = {variant: studies[variant] for variant in VARIANTS if variant in studies}
     results = write_report(args, out, base, studies)
     say(f"study took {time.time() - began:.0f} s in this call")
     return results
 
 
-def finished_runs(args, bench, out: Path, variant: str) -> list[dict]:
-    """The finished runs of ``variant`` in ``out`` made with this call's settings."""
+def finished_runs(args, bench, out: Path, variant: str) -> dict[int, dict]:
+    """The finished runs of ``variant`` in ``out`` made with this call's settings, by seed."""
     marks = marks_of(args.steps, args.evals)
-    found = []
+    found = {}
     for path in sorted(out.glob(f"{variant}-s*/study.json")):
         try:
             seed = int(path.parent.name.rsplit("-s", 1)[1])
@@ -539,7 +560,7 @@ def finished_runs(args, bench, out: Path, variant: str) -> list[dict]:
         except (ValueError, UserError):
             continue
         if study is not None and end_point(study) is not None:
-            found.append(study)
+            found[seed] = study
     return found
 
 

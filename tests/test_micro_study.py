@@ -119,6 +119,11 @@ def test_study_arguments_refused_with_one_line(capsys):
     assert exit.value.code == 2 and "bogus" in capsys.readouterr().err
     assert study.parse_args(["--variants", "no STE, full"]).variants == ["no_ste", "full"]
     assert study.marks_of(600, 2) == [300, 600]
+    assert study.parse_args(["--seeds", "3", "--only-seeds", "2, 0"]).only_seeds == [0, 2]
+    for bad, says in (("3", "seeds 0..2"), ("x", "whole numbers"), (",", "one or more"), ("-1", ">= 0")):
+        with pytest.raises(SystemExit):
+            study.parse_args(["--seeds", "3", "--only-seeds", bad])
+        assert says in capsys.readouterr().err, bad
 
 
 @pytest.mark.janus  # the micro model (main environment)
@@ -227,3 +232,18 @@ def test_judge_detector_agreement_bookkeeping():
         right += sum(verdicts)
     assert (found["separated_pairs"], found["judge_agrees"], found["judge_ties"]) == (pairs, agree, ties)
     assert found["top_candidate_right"] == pytest.approx(top / 3) and found["mean_candidate_right"] == pytest.approx(right / 9)
+
+
+@pytest.mark.janus  # the micro model (main environment)
+def test_one_call_per_seed_shares_one_study(tmp_path, capsys):
+    study = _study()
+    out = tmp_path / "study"
+    args = [*TINY, "--out", str(out), "--variants", "full", "--seeds", "2", "--judge-prompts", "0"]
+    first = study.main([*args, "--only-seeds", "1"])
+    assert not (out / "full-s0").exists() and first["variants"]["full"]["seeds"] == [1]
+    capsys.readouterr()
+    second = study.main([*args, "--only-seeds", "0"])
+    assert "seed(s) 1 found" in capsys.readouterr().out
+    assert second["variants"]["full"]["seeds"] == [0, 1]
+    whole = study.main(args)  # both finished: nothing runs again, the same report
+    assert whole["variants"]["full"] == second["variants"]["full"]
