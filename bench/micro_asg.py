@@ -530,11 +530,11 @@ def main(argv: list[str] | None = None) -> dict:
     for variant in args.variants:
         seeds = range(args.seeds if variant == "full" else args.ablation_seeds)
         runs = {seed: run_one(args, bench, out, pool, variant, seed) for seed in seeds if args.only_seeds is None or seed in args.only_seeds}
-        if args.only_seeds is not None:  # seeds left to other calls count once they have finished
-            others = {seed: study for seed, study in finished_runs(args, bench, out, variant).items() if seed in seeds and seed not in runs}
-            if others:
-                say(f"{variant}: finished run(s) of seed(s) {', '.join(map(str, others))} found in {out}, added to the report")
-            runs.update(others)
+        # seeds left to other calls (--only-seeds) count once they have finished
+        others = {seed: study for seed, study in finished_runs(args, bench, out, variant).items() if seed in seeds and seed not in runs}
+        if others:
+            say(f"{variant}: finished run(s) of seed(s) {', '.join(map(str, others))} found in {out}, added to the report")
+        runs.update(others)
         if runs:
             studies[variant] = [runs[seed] for seed in sorted(runs)]
     for variant in VARIANTS:  # runs of other variants made earlier in this folder with these settings join the report
