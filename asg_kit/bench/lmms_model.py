@@ -19,6 +19,8 @@ images is shown as one strip of them side by side, as lmms-eval's ``*_group_img`
 
 from __future__ import annotations
 
+import atexit
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -36,6 +38,16 @@ def manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.AsgkitLMM")
+
+
+def _release_process_group() -> None:
+    # lmms-eval never destroys the group it runs in; gloo's worker threads then outlive the
+    # interpreter and now and then abort the process at exit ("terminate called without an
+    # active exception", exit -6) after the evaluation has finished.
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,8 @@ class AsgkitLMM(lmms):
         **unknown,
     ) -> None:
         super().__init__()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            atexit.register(_release_process_group)
         if unknown:
             raise TypeError(
                 f"unknown asgkit model argument(s): {', '.join(sorted(unknown))}; "
