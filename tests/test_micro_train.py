@@ -1,4 +1,4 @@
-"""The micro model's training script: it runs its three stages, exports a loadable Janus, and a
+"""The micro model's training script: it runs its four stages, exports a loadable Janus, and a
 run stopped and resumed from its checkpoint ends bit-identical to one never stopped."""
 
 import json
@@ -12,7 +12,7 @@ from asg_kit.micro.train import MicroTrainConfig, train
 
 pytestmark = pytest.mark.janus
 
-TINY = dict(vq_steps=3, lm_steps=3, refine_steps=3, vq_batch=2, text_batch=2, image_batch=2, patch_batch=2, checkpoint_every=2, warmup=1, threads=1)
+TINY = dict(vq_steps=3, lm_steps=3, position_steps=2, position_batch=2, refine_steps=3, vq_batch=2, text_batch=2, image_batch=2, patch_batch=2, checkpoint_every=2, warmup=1, threads=1)
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
@@ -21,16 +21,19 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
     assert train(config, tmp_path / "parts", stop_after=2).name == "checkpoint"  # inside the VQ stage
     assert json.loads((tmp_path / "parts" / "checkpoint" / "progress.json").read_text()) == {"stage": "vq", "step": 2}
     assert train(config, tmp_path / "parts", stop_after=2).name == "checkpoint"  # inside the LM stage
-    assert train(config, tmp_path / "parts", stop_after=3).name == "checkpoint"  # inside the refine stage
+    assert train(config, tmp_path / "parts", stop_after=3).name == "checkpoint"  # inside the position curriculum
+    assert json.loads((tmp_path / "parts" / "checkpoint" / "progress.json").read_text()) == {"stage": "position", "step": 1}
+    assert train(config, tmp_path / "parts", stop_after=2).name == "checkpoint"  # inside the refine stage
     assert json.loads((tmp_path / "parts" / "checkpoint" / "progress.json").read_text()) == {"stage": "refine", "step": 1}
     parts = train(config, tmp_path / "parts")
     a, b = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in rows} == {"vq", "lm", "refine"} and all(r["loss"] == r["loss"] for r in rows)
-    assert all(r["patch_loss"] > 0 and r["image_loss"] > 0 for r in rows if r["stage"] != "vq")
+    assert {r["stage"] for r in rows} == {"vq", "lm", "position", "refine"} and all(r["loss"] == r["loss"] for r in rows)
+    assert all(r["patch_loss"] > 0 and r["image_loss"] > 0 for r in rows if r["stage"] in ("lm", "refine"))
+    assert all(r["patch_loss"] == 0 and r["image_loss"] == 0 and r["text_loss"] > 0 for r in rows if r["stage"] == "position")
     # stopped exactly between two stages: the next starts fresh, not from the last one's optimizer
-    for boundary in (TINY["vq_steps"], TINY["vq_steps"] + TINY["lm_steps"]):
+    for boundary in (TINY["vq_steps"], TINY["vq_steps"] + TINY["lm_steps"], TINY["vq_steps"] + TINY["lm_steps"] + TINY["position_steps"]):
         assert train(config, tmp_path / f"at-{boundary}", stop_after=boundary).name == "checkpoint"
         c = load_file(train(config, tmp_path / f"at-{boundary}") / "model.safetensors")
         assert all(torch.equal(a[k], c[k]) for k in a)
@@ -45,11 +48,24 @@ def test_refine_stage_trains_all_but_the_tokenizer(tmp_path):
     assert not any(k.startswith("model.vqmodel.") for k in changed)
 
 
-def test_refine_settings_are_checked(tmp_path):
+def test_position_curriculum_trains_understanding_only(tmp_path):
+    without = load_file(train(MicroTrainConfig(**{**TINY, "position_steps": 0, "refine_steps": 0}), tmp_path / "two") / "model.safetensors")
+    curriculum = load_file(train(MicroTrainConfig(**{**TINY, "refine_steps": 0}), tmp_path / "three") / "model.safetensors")
+    changed = {k for k in without if not torch.equal(without[k], curriculum[k])}
+    for part in ("model.vision_model.", "model.aligner.", "model.language_model."):
+        assert any(k.startswith(part) for k in changed), part
+    assert not any(k.startswith(("model.vqmodel.", "model.generation_head.", "model.generation_aligner.", "model.generation_embeddings.")) for k in changed)
+
+
+def test_refine_and_curriculum_settings_are_checked(tmp_path):
     from asg_kit.checks import UserError
 
     with pytest.raises(UserError, match="refine-steps"):
         train(MicroTrainConfig(**{**TINY, "refine_steps": -1}), tmp_path / "bad")
+    with pytest.raises(UserError, match="position-steps"):
+        train(MicroTrainConfig(**{**TINY, "position_steps": 1.5}), tmp_path / "bad")
+    with pytest.raises(UserError, match="position-batch"):
+        train(MicroTrainConfig(**{**TINY, "position_batch": 0}), tmp_path / "bad")
 
 
 def test_exported_model_loads_as_janus_with_unit_codebook(tmp_path):

@@ -1,6 +1,6 @@
 """Train the micro model from scratch on the shapes world, on a CPU.
 
-A tiny Janus (``asg_kit.micro.model``) learns in three stages:
+A tiny Janus (``asg_kit.micro.model``) learns in four stages:
 
 1. ``vq``: its VQ image tokenizer learns to encode and decode renders (cosine-distance
    codebook with straight-through gradients, dead codes restarted from encoder outputs);
@@ -14,7 +14,13 @@ A tiny Janus (``asg_kit.micro.model``) learns in three stages:
    encoder's patch tokens are supervised densely (``PatchHeads``: the colour and shape
    under each patch and the patch's row and column), so it sees shapes and where they are
    long before one answer token per example could teach it;
-3. ``refine``: with a fresh optimizer at a constant, lower rate, the text examples turn to
+3. ``position``: a curriculum for relative position, text only (``tasks.POSITION_CURRICULUM``),
+   in larger batches at a higher rate: "where is A relative to B ?" on two-object scenes,
+   then on three, then both position kinds on scenes of any size. Mixed among the other
+   questions the answer stays at chance however often it is asked (the model learns the
+   axis that separates the objects, never which object is which); alone, each phase breaks
+   through within a few hundred steps. The next stage rehearses the last phase;
+4. ``refine``: with a fresh optimizer at a constant, lower rate, the text examples turn to
    the Solver's two jobs (``tasks.REFINE``): answering, with position, yes/no and count
    questions drawn more often (the kinds stage 2 leaves weakest), and judging: half its
    answers are about a GenEval-style prompt's scene (counting and position prompts
@@ -77,7 +83,12 @@ class MicroTrainConfig:
     # "example": each text example's mean token log-prob counts equally, so one-word answers
     # weigh as much as long specs; "token": every target token counts equally.
     text_loss: str = "example"
-    # Stage 3, the Solver's refinement: a fresh optimizer at a constant rate (after warmup),
+    # Stage 3, the position curriculum: text only (``tasks.POSITION_CURRICULUM``), larger
+    # batches, a fresh optimizer at a constant rate after warmup; 0 skips it.
+    position_steps: int = 2400
+    position_batch: int = 32
+    position_lr: float = 1e-3
+    # Stage 4, the Solver's refinement: a fresh optimizer at a constant rate (after warmup),
     # the text mix ``tasks.REFINE``, drawing and patch supervision as in stage 2; 0 skips it.
     refine_steps: int = 3000
     refine_lr: float = 5e-4
@@ -177,11 +188,14 @@ def _claim(config: MicroTrainConfig, out: Path, notice: Callable[[str], None]) -
         raise UserError(f"text_loss={config.text_loss!r}: use 'example' or 'token'")
     if isinstance(config.refine_steps, bool) or not isinstance(config.refine_steps, int) or config.refine_steps < 0:
         raise UserError(f"--refine-steps {config.refine_steps!r}: use a whole number >= 0 (0 skips the Solver's refinement)")
-    if not config.refine_lr > 0:
-        raise UserError(f"refine_lr={config.refine_lr!r}: use a number > 0")
+    if isinstance(config.position_steps, bool) or not isinstance(config.position_steps, int) or config.position_steps < 0:
+        raise UserError(f"--position-steps {config.position_steps!r}: use a whole number >= 0 (0 skips the position curriculum)")
+    for name in ("refine_lr", "position_lr"):
+        if not getattr(config, name) > 0:
+            raise UserError(f"{name}={getattr(config, name)!r}: use a number > 0")
     if not config.patch_loss_weight >= 0:
         raise UserError(f"patch_loss_weight={config.patch_loss_weight!r}: use a number >= 0")
-    for name in ("vq_steps", "lm_steps", "checkpoint_every", "image_size", "vq_batch", "text_batch", "image_batch", "patch_batch"):
+    for name in ("vq_steps", "lm_steps", "checkpoint_every", "image_size", "vq_batch", "text_batch", "image_batch", "patch_batch", "position_batch"):
         check_positive(f"--{name.replace('_', '-')}", getattr(config, name), integer=True)
     check_output_folder("RUN", out)
     if recover_folder(out / "checkpoint"):
@@ -214,7 +228,7 @@ def train(
     stop_after: int | None = None,
     notice: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> Path:
-    """Run (or resume) the three stages in ``out`` and export the model to ``out/model``.
+    """Run (or resume) the four stages in ``out`` and export the model to ``out/model``.
 
     ``log`` receives one dict per logged step; ``stop_after`` ends the run after that many
     optimizer steps in this call (for tests of resuming). Returns the export folder, or the
@@ -250,7 +264,7 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             optimizer_state = None
         cut_torn_line(metrics)  # a run killed during an append left half a row
         if metrics.exists():  # rows written after the checkpoint are written again
-            order = {"vq": 0, "lm": 1, "refine": 2, "done": 3}
+            order = {"vq": 0, "lm": 1, "position": 2, "refine": 3, "done": 4}
             at = (order[progress["stage"]], progress["step"])
             write_jsonl_atomic(metrics, [row for _, row in read_jsonl(metrics) if (order[row["stage"]], row["step"]) < at])
     budget = stop_after if stop_after is not None else math.inf
@@ -302,8 +316,13 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         _save_checkpoint(out, model, processor, optimizer, progress)
 
     # Stages 2 and 3: vision encoder, language model and generation head; then the Solver --
-    stages = [("lm", config.lm_steps, tasks.PRETRAIN), ("refine", config.refine_steps, tasks.REFINE)]
-    for index, (stage, steps, mix) in enumerate(stages):
+    # (name, steps, text mix, text batch, peak rate, draws and supervises patches)
+    stages = [
+        ("lm", config.lm_steps, tasks.PRETRAIN, config.text_batch, config.lm_lr, True),
+        ("position", config.position_steps, tasks.POSITION_CURRICULUM, config.position_batch, config.position_lr, False),
+        ("refine", config.refine_steps, tasks.REFINE, config.text_batch, config.refine_lr, True),
+    ]
+    for index, (stage, steps, mix, text_batch, peak_lr, draws) in enumerate(stages):
         if progress["stage"] != stage:
             continue
         backbone = JanusAdapter(model, processor, lora=None)
@@ -332,12 +351,13 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             if budget <= 0:
                 _save_checkpoint(out, model, processor, optimizer, {"stage": stage, "step": step}, heads)
                 return out / "checkpoint"
-            lr = _lr(config, step) if stage == "lm" else config.refine_lr * min(1.0, (step + 1) / config.warmup)
+            lr = _lr(config, step) if stage == "lm" else peak_lr * min(1.0, (step + 1) / config.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             rng = _rng(config, stage, step)
 
-            texts = [tasks.text_example(rng, image_size=config.image_size, mix=mix) for _ in range(config.text_batch)]
+            phase = mix[min(len(mix) - 1, step * len(mix) // steps)] if isinstance(mix, tuple) else mix  # a curriculum: equal phases
+            texts = [tasks.text_example(rng, image_size=config.image_size, mix=phase) for _ in range(text_batch)]
             requests = [AnswerRequest(example.image, example.prompt) for example in texts]
             completions = [backbone.encode_completion(example.target) for example in texts]
             scores = backbone.score_completions(requests, completions)
@@ -346,29 +366,30 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             else:
                 text_loss = -(scores.logprobs.sum() / scores.mask.sum())
 
-            drawings = [tasks.image_example(rng, config.image_size) for _ in range(config.image_batch)]
-            with torch.no_grad():
-                _, _, ids = quantize(vq, pixels_to_tensor([d.image for d in drawings]))
-            prompt_ids = [backbone.generation_prompt_ids(d.prompt) for d in drawings]
-            prompt_ids = [backbone.unconditional_ids(p) if rng.random() < config.uncond_share else p for p in prompt_ids]
-            rollout = ImageRollout(
-                prompts=[d.prompt for d in drawings],
-                prompt_ids=prompt_ids,
-                prompt_index=list(range(len(drawings))),
-                tokens=ids.reshape(len(drawings), -1),
-                behaviour_logprobs=torch.zeros(ids.shape[0], ids[0].numel()),
-                guidance_scale=1.0,
-                temperature=1.0,
-            )
-            image_loss = -backbone.generation_logprobs(rollout).mean()
+            image_loss = patch_loss = torch.zeros(())
+            if draws:
+                drawings = [tasks.image_example(rng, config.image_size) for _ in range(config.image_batch)]
+                with torch.no_grad():
+                    _, _, ids = quantize(vq, pixels_to_tensor([d.image for d in drawings]))
+                prompt_ids = [backbone.generation_prompt_ids(d.prompt) for d in drawings]
+                prompt_ids = [backbone.unconditional_ids(p) if rng.random() < config.uncond_share else p for p in prompt_ids]
+                rollout = ImageRollout(
+                    prompts=[d.prompt for d in drawings],
+                    prompt_ids=prompt_ids,
+                    prompt_index=list(range(len(drawings))),
+                    tokens=ids.reshape(len(drawings), -1),
+                    behaviour_logprobs=torch.zeros(ids.shape[0], ids[0].numel()),
+                    guidance_scale=1.0,
+                    temperature=1.0,
+                )
+                image_loss = -backbone.generation_logprobs(rollout).mean()
 
-            patch_loss = torch.zeros(())
-            if config.patch_loss_weight > 0:
-                scenes = [tasks.world.sample_scene(rng) for _ in range(config.patch_batch)]
-                pixels = processor.image_processor([tasks.world.render(s, config.image_size) for s in scenes], return_tensors="pt")["pixel_values"]
-                patches = model.model.vision_model(pixel_values=pixels).last_hidden_state
-                labels = [tasks.patch_labels(s, grid) for s in scenes]
-                patch_loss = heads.loss(patches, torch.tensor([c for c, _ in labels]), torch.tensor([s for _, s in labels]))
+                if config.patch_loss_weight > 0:
+                    scenes = [tasks.world.sample_scene(rng) for _ in range(config.patch_batch)]
+                    pixels = processor.image_processor([tasks.world.render(s, config.image_size) for s in scenes], return_tensors="pt")["pixel_values"]
+                    patches = model.model.vision_model(pixel_values=pixels).last_hidden_state
+                    labels = [tasks.patch_labels(s, grid) for s in scenes]
+                    patch_loss = heads.loss(patches, torch.tensor([c for c, _ in labels]), torch.tensor([s for _, s in labels]))
 
             loss = text_loss + image_loss + config.patch_loss_weight * patch_loss
             optimizer.zero_grad(set_to_none=True)
