@@ -49,7 +49,8 @@ POSITION_CURRICULUM = (
 )
 # Stage 4: the Solver as a judge, with the kinds the pretrained model answers worst
 # (positions, counts of several objects) drawn more often; the other roles keep a share so
-# they are not lost, and the curriculum's last phase keeps one: without it the next 3,000 steps brought position from 52 % back to 35 %.
+# they are not lost, and the curriculum's last phase keeps one (without it the next 3,000
+# steps brought held-out position questions from 52 % back to 35 %).
 REFINE = TaskMix(
     {"answer": 0.75, "caption": 0.1, "ask": 0.05, "spec": 0.05, "decompose": 0.05},
     prompt_scene_share=0.5,
@@ -75,6 +76,10 @@ class ImageExample:
     metadata: dict | None  # GenEval metadata when the prompt is one of its templates
 
 
+def _questions_of_kinds(scene: world.Scene, kinds: tuple[str, ...]) -> list[world.QA]:
+    return [qa for qa in world.scene_questions(scene) if qa.kind in kinds]
+
+
 def text_example(rng: random.Random, task: str | None = None, image_size: int = 64, mix: TaskMix = PRETRAIN) -> TextExample:
     if mix.rehearse and rng.random() < mix.rehearse[1]:
         mix = mix.rehearse[0]
@@ -89,7 +94,7 @@ def text_example(rng: random.Random, task: str | None = None, image_size: int = 
         judged = [q.question for q in specs.spec_from_geneval(metadata).qa]
     else:
         scene = world.sample_scene(rng, n_objects=mix.objects)
-        while task == "answer" and mix.kinds and not any(qa.kind in mix.kinds for qa in world.scene_questions(scene)):
+        while task == "answer" and mix.kinds and not _questions_of_kinds(scene, mix.kinds):
             scene = world.sample_scene(rng, n_objects=mix.objects)
     image = world.render(scene, image_size)
     if task == "answer":
@@ -97,7 +102,7 @@ def text_example(rng: random.Random, task: str | None = None, image_size: int = 
         # a spec question has a true answer here unless the error made it ambiguous
         answerable = [qa for qa in [*world.scene_questions(scene), *extra] if qa.question in judged] if judged else []
         if mix.kinds:
-            answerable = [qa for qa in world.scene_questions(scene) if qa.kind in mix.kinds]
+            answerable = _questions_of_kinds(scene, mix.kinds)
             kinds = sorted({qa.kind for qa in answerable})
             if len(kinds) > 1:
                 kind = rng.choice(kinds)

@@ -315,7 +315,7 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         progress, optimizer_state = {"stage": "lm", "step": 0}, None
         _save_checkpoint(out, model, processor, optimizer, progress)
 
-    # Stages 2 and 3: vision encoder, language model and generation head; then the Solver --
+    # Stages 2-4: vision encoder, language model and generation head; positions; the Solver --
     # (name, steps, text mix, text batch, peak rate, draws and supervises patches)
     stages = [
         ("lm", config.lm_steps, tasks.PRETRAIN, config.text_batch, config.lm_lr, True),
