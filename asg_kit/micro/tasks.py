@@ -76,10 +76,6 @@ class ImageExample:
     metadata: dict | None  # GenEval metadata when the prompt is one of its templates
 
 
-def _questions_of_kinds(scene: world.Scene, kinds: tuple[str, ...]) -> list[world.QA]:
-    return [qa for qa in world.scene_questions(scene) if qa.kind in kinds]
-
-
 def text_example(rng: random.Random, task: str | None = None, image_size: int = 64, mix: TaskMix = PRETRAIN) -> TextExample:
     if mix.rehearse and rng.random() < mix.rehearse[1]:
         mix = mix.rehearse[0]
@@ -89,20 +85,21 @@ def text_example(rng: random.Random, task: str | None = None, image_size: int = 
         spec = specs.spec_from_geneval(metadata)
         return TextExample(task, None, specs.decompose_prompt(metadata["prompt"]), prompts.format_spec(spec))
     judged = None  # the spec questions of the prompt a scene was drawn for, when it was
+    answerable: list[world.QA] = []  # the questions to ask from (none: drawn over the kinds)
     if task == "answer" and mix.prompt_scene_share > 0 and rng.random() < mix.prompt_scene_share:
         metadata, scene = world.prompt_scene(rng, category_weights=mix.prompt_categories)
         judged = [q.question for q in specs.spec_from_geneval(metadata).qa]
     else:
         scene = world.sample_scene(rng, n_objects=mix.objects)
-        while task == "answer" and mix.kinds and not _questions_of_kinds(scene, mix.kinds):
+        # a kinds-only mix redraws scenes that hold none of its questions
+        while task == "answer" and mix.kinds and not (answerable := [qa for qa in world.scene_questions(scene) if qa.kind in mix.kinds]):
             scene = world.sample_scene(rng, n_objects=mix.objects)
     image = world.render(scene, image_size)
     if task == "answer":
         extra = world.presence_questions(scene) if mix.presence_questions else []
-        # a spec question has a true answer here unless the error made it ambiguous
-        answerable = [qa for qa in [*world.scene_questions(scene), *extra] if qa.question in judged] if judged else []
+        if judged:  # a spec question has a true answer here unless the error made it ambiguous
+            answerable = [qa for qa in [*world.scene_questions(scene), *extra] if qa.question in judged]
         if mix.kinds:
-            answerable = _questions_of_kinds(scene, mix.kinds)
             kinds = sorted({qa.kind for qa in answerable})
             if len(kinds) > 1:
                 kind = rng.choice(kinds)
