@@ -449,13 +449,14 @@ def micro_train(
     lm_steps: Optional[int] = typer.Option(None, help="Steps of the language/vision/generation stage (default: 10000)."),
     position_steps: Optional[int] = typer.Option(None, help="Steps of the relative-position curriculum (default: 2400; 0 skips it)."),
     refine_steps: Optional[int] = typer.Option(None, help="Steps of the Solver's refinement (default: 3000; 0 skips it)."),
+    judge_steps: Optional[int] = typer.Option(None, help="Steps of the judge stage, yes/no questions in contrasting pairs (default: 2000; 0 skips it)."),
 ) -> None:
-    """Train the micro model from scratch on the shapes world in four stages: VQ tokenizer, every role's job, a relative-position curriculum, the Solver's refinement (about 1.1 to 2.3 hours on 2 CPU cores with the defaults, depending on the CPU; README). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
+    """Train the micro model from scratch on the shapes world in five stages: VQ tokenizer, every role's job, a relative-position curriculum, the Solver's refinement, the judge's yes/no (about 1.1 to 2.3 hours on 2 CPU cores with the defaults, depending on the CPU; README). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
     from asg_kit.checks import UserError
     from asg_kit.jsonl import JsonlError
     from asg_kit.micro.train import micro_config_for, train
 
-    given = {k: v for k, v in {"vq_steps": vq_steps, "lm_steps": lm_steps, "position_steps": position_steps, "refine_steps": refine_steps}.items() if v is not None}
+    given = {k: v for k, v in {"vq_steps": vq_steps, "lm_steps": lm_steps, "position_steps": position_steps, "refine_steps": refine_steps, "judge_steps": judge_steps}.items() if v is not None}
     if ctx.get_parameter_source("seed").name != "DEFAULT":
         given["seed"] = seed
     try:
@@ -464,12 +465,13 @@ def micro_train(
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2)
     progress = _progress()  # shown from the first step: a refused run prints its error line only
-    totals = {"vq": config.vq_steps, "lm": config.lm_steps, "position": config.position_steps, "refine": config.refine_steps}
+    totals = {"vq": config.vq_steps, "lm": config.lm_steps, "position": config.position_steps, "refine": config.refine_steps, "judge": config.judge_steps}
     bars = {
         "vq": progress.add_task("VQ tokenizer", total=totals["vq"]),
         "lm": progress.add_task("language + vision + generation", total=totals["lm"]),
         "position": progress.add_task("relative-position curriculum", total=totals["position"]),
         "refine": progress.add_task("Solver refinement", total=totals["refine"]),
+        "judge": progress.add_task("judge's yes/no", total=totals["judge"]),
     }
 
     def log(row: dict) -> None:

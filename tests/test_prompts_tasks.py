@@ -105,3 +105,32 @@ def test_position_curriculum_asks_its_phase_on_its_scenes_with_true_answers():
         if "yesno" in kinds:  # drawn as the scene asks them: most say no (one relation of four holds)
             assert 0 < answers.count("yes") < answers.count("no")
     assert tasks.REFINE.rehearse == (tasks.POSITION_CURRICULUM[-1], 0.25)
+
+
+def test_judge_mix_asks_relations_in_contrasting_pairs_and_rehearses_the_refinement():
+    """Stage 5: a yes/no relation question about a random scene comes as a pair about one
+    image, the relation seen ("yes") and then one that does not hold ("no"), both true when read back
+    from the pixels by the detector, mostly on two or three objects; the other half of the
+    examples is the refinement's mix (captions among them), where such questions come in
+    pairs too."""
+    from asg_kit.micro import detector
+
+    rng = random.Random(4)
+    examples = [example for _ in range(8) for example in tasks.text_batch(rng, 32, 64, tasks.JUDGE)]
+    assert len(examples) == 256 and any(e.task == "caption" for e in examples)
+    pairs = [(a, b) for a, b in zip(examples, examples[1:]) if a.image is b.image]
+    assert len(pairs) > 60
+    four_objects, misread = 0, 0
+    for held, unseen in pairs:
+        found = detector.detect(held.image)
+        four_objects += len(found) == 4
+        scene = world.Scene(tuple(world.Obj(d.shape, d.color, d.size, *d.center) for d in found))
+        truth = {q.question: q for q in world.scene_questions(scene) if q.kind == "yesno"}
+        asked = [max((q for q in truth if q in e.prompt), key=len) for e in (held, unseen)]
+        misread += [truth[q].answer for q in asked] != ["yes", "no"]
+        assert [e.target for e in (held, unseen)] == [prompts.format_answer("yes"), prompts.format_answer("no")]
+        relation, other = (next(r for r in world.RELATIONS if f" {r} " in q) for q in asked)
+        assert asked[1] == asked[0].replace(f" {relation} ", f" {other} ")
+    # boxes read off 64-pixel renders may put a relation a hair past GenEval's threshold the other way
+    assert four_objects < len(pairs) / 4 and misread <= len(pairs) / 20
+    assert tasks.JUDGE.rehearse == (tasks.REFINE, 0.5)

@@ -268,7 +268,7 @@ def test_micro_train_resumes_only_with_its_own_settings(tmp_path):
     from asg_kit.micro.train import MicroTrainConfig, micro_config_for
     from asg_kit.micro.train import train as micro_train
 
-    tiny_micro = dict(vq_steps=3, lm_steps=2, position_steps=1, position_batch=2, refine_steps=1, vq_batch=2, text_batch=2, image_batch=2, checkpoint_every=2, warmup=1, threads=1)
+    tiny_micro = dict(vq_steps=3, lm_steps=2, position_steps=1, position_batch=2, refine_steps=1, judge_steps=1, judge_batch=2, vq_batch=2, text_batch=2, image_batch=2, checkpoint_every=2, warmup=1, threads=1)
     run = tmp_path / "micro"
     micro_train(MicroTrainConfig(**tiny_micro), run, stop_after=2)
     (run / "metrics.jsonl").open("a").write('{"stage": "vq", "st')  # a torn append
@@ -279,7 +279,7 @@ def test_micro_train_resumes_only_with_its_own_settings(tmp_path):
     assert micro_config_for(run) == MicroTrainConfig(**tiny_micro)  # a bare re-run takes the saved settings
     micro_train(micro_config_for(run), run)
     steps = [(r["stage"], r["step"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
-    assert steps == [("vq", 0), ("vq", 2), ("lm", 0), ("lm", 1), ("position", 0), ("refine", 0)]  # each logged step once, no torn line
+    assert steps == [("vq", 0), ("vq", 2), ("lm", 0), ("lm", 1), ("position", 0), ("refine", 0), ("judge", 0)]  # each logged step once, no torn line
     with folder_lock(run):
         line = one_error_line(CliRunner().invoke(app, ["micro", "train", str(run)]))
         assert "in use by another" in line

@@ -65,6 +65,28 @@ def test_questions_have_true_answers():
     assert kinds == {"color", "shape", "count", "exist", "position", "yesno"}
 
 
+def test_contrasting_relation_questions_are_the_scenes_own_and_differ_in_the_relation():
+    """The pair is two of the scene's own yes/no questions, "yes" then "no", differing only
+    in the relation (the one that does not hold is the opposite or a perpendicular one);
+    None exactly when the scene asks no yes/no."""
+    rng = random.Random(12)
+    pairs, others = 0, {"opposite": 0, "perpendicular": 0}
+    for _ in range(200):
+        scene = world.sample_scene(rng)
+        truth = {qa.question: qa for qa in world.scene_questions(scene)}
+        pair = world.contrasting_relation_questions(scene, rng)
+        assert (pair is None) == (not any(qa.kind == "yesno" for qa in truth.values()))
+        if pair:
+            pairs += 1
+            held, unseen = pair
+            assert truth[held.question] == held and held.answer == "yes"
+            assert truth[unseen.question] == unseen and unseen.answer == "no"
+            relation, other = (next(r for r in world.RELATIONS if f" {r} " in qa.question) for qa in pair)
+            assert unseen.question == held.question.replace(f" {relation} ", f" {other} ")
+            others["opposite" if {relation, other} in ({"left of", "right of"}, {"above", "below"}) else "perpendicular"] += 1
+    assert pairs > 100 and min(others.values()) > 20
+
+
 def test_relations_follow_geneval_rule():
     left = (0.1, 0.4, 0.3, 0.6)
     right = (0.7, 0.4, 0.9, 0.6)

@@ -25,8 +25,12 @@ class TaskMix:
     prompt_categories: dict[str, float] | None = None  # weights of those prompts' categories (None: even)
     kind_weights: dict[str, float] | None = None  # question kinds (None: even)
     presence_questions: bool = False  # also "is there a circle ?", the spec's uncoloured form
-    objects: int | None = None  # objects in each random scene (None: 1 to 4)
+    objects: int | tuple[int, ...] | None = None  # objects in each random scene (a tuple: one of them; None: 1 to 4)
     kinds: tuple[str, ...] | None = None  # ask only these kinds, evenly (None: every kind)
+    # a yes/no position question about a random scene comes as a contrasting pair
+    # (``world.contrasting_relation_questions``): the relation seen, and its opposite; also
+    # in the mixes this one rehearses
+    contrast: bool = False
     # (mix, share): draw that share of examples from another mix, so that a skill an
     # earlier stage taught is rehearsed rather than forgotten
     rehearse: tuple[TaskMix, float] | None = None
@@ -59,6 +63,13 @@ REFINE = TaskMix(
     presence_questions=True,
     rehearse=(POSITION_CURRICULUM[-1], 0.25),
 )
+# Stage 5: the judge's yes/no. A prompt's spec asks "is the circle left of the square ?";
+# asked as a scene asks them (three "no" in four), the refined model answers by that prior:
+# "yes" for 17 % of images where the relation holds and 12 % where it is swapped, though
+# "where" is right on most. A contrasting pair (one image, the relation seen and one that
+# does not hold) leaves only the pixels to go by; half of the examples rehearse the
+# refinement (without it "where" fell from 72 % to 45 % and counts from 85 % to 68 %).
+JUDGE = TaskMix({"answer": 1.0}, objects=(2, 3), kinds=("yesno",), contrast=True, rehearse=(REFINE, 0.5))
 
 
 @dataclass(frozen=True)
@@ -76,24 +87,42 @@ class ImageExample:
     metadata: dict | None  # GenEval metadata when the prompt is one of its templates
 
 
+def text_batch(rng: random.Random, size: int, image_size: int = 64, mix: TaskMix = PRETRAIN) -> list[TextExample]:
+    """``size`` examples drawn from a mix; a contrasting pair is split only by the batch's end."""
+    batch: list[TextExample] = []
+    while len(batch) < size:
+        batch += text_examples(rng, image_size=image_size, mix=mix)
+    return batch[:size]
+
+
 def text_example(rng: random.Random, task: str | None = None, image_size: int = 64, mix: TaskMix = PRETRAIN) -> TextExample:
-    if mix.rehearse and rng.random() < mix.rehearse[1]:
+    """One example of ``task`` (drawn from the mix when None); of a pair, its first."""
+    return text_examples(rng, task, image_size, mix)[0]
+
+
+def text_examples(rng: random.Random, task: str | None = None, image_size: int = 64, mix: TaskMix = PRETRAIN) -> list[TextExample]:
+    """One drawn example, or two about one image: a contrasting pair of yes/no questions."""
+    contrast = mix.contrast
+    while mix.rehearse and rng.random() < mix.rehearse[1]:  # a rehearsed mix may rehearse in turn
         mix = mix.rehearse[0]
     task = task or rng.choices(list(mix.task_weights), weights=list(mix.task_weights.values()))[0]
     if task == "decompose":
         metadata = world.sample_prompt(rng)
         spec = specs.spec_from_geneval(metadata)
-        return TextExample(task, None, specs.decompose_prompt(metadata["prompt"]), prompts.format_spec(spec))
+        return [TextExample(task, None, specs.decompose_prompt(metadata["prompt"]), prompts.format_spec(spec))]
     judged = None  # the spec questions of the prompt a scene was drawn for, when it was
     answerable: list[world.QA] = []  # the questions to ask from (none: drawn over the kinds)
     if task == "answer" and mix.prompt_scene_share > 0 and rng.random() < mix.prompt_scene_share:
         metadata, scene = world.prompt_scene(rng, category_weights=mix.prompt_categories)
         judged = [q.question for q in specs.spec_from_geneval(metadata).qa]
     else:
-        scene = world.sample_scene(rng, n_objects=mix.objects)
+        def objects() -> int | None:
+            return rng.choice(mix.objects) if isinstance(mix.objects, tuple) else mix.objects
+
+        scene = world.sample_scene(rng, n_objects=objects())
         # a kinds-only mix redraws scenes that hold none of its questions
         while task == "answer" and mix.kinds and not (answerable := [qa for qa in world.scene_questions(scene) if qa.kind in mix.kinds]):
-            scene = world.sample_scene(rng, n_objects=mix.objects)
+            scene = world.sample_scene(rng, n_objects=objects())
     image = world.render(scene, image_size)
     if task == "answer":
         extra = world.presence_questions(scene) if mix.presence_questions else []
@@ -105,14 +134,17 @@ def text_example(rng: random.Random, task: str | None = None, image_size: int = 
                 kind = rng.choice(kinds)
                 answerable = [qa for qa in answerable if qa.kind == kind]
         qa = rng.choice(answerable) if answerable else world.sample_question(scene, rng, mix.kind_weights, extra)
-        framing = rng.randrange(len(prompts.SOLVER_FRAMINGS))
-        return TextExample(task, image, prompts.solver_prompt(qa.question, framing), prompts.format_answer(qa.answer))
+        pair = world.contrasting_relation_questions(scene, rng) if (contrast or mix.contrast) and qa.kind == "yesno" and not judged else None
+        return [
+            TextExample(task, image, prompts.solver_prompt(q.question, rng.randrange(len(prompts.SOLVER_FRAMINGS))), prompts.format_answer(q.answer))
+            for q in pair or (qa,)
+        ]
     if task == "caption":
-        return TextExample(task, image, prompts.CAPTION, world.caption(scene, rng))
+        return [TextExample(task, image, prompts.CAPTION, world.caption(scene, rng))]
     if task == "ask":
-        return TextExample(task, image, prompts.PROPOSER_QUESTION, world.sample_question(scene, rng).question)
+        return [TextExample(task, image, prompts.PROPOSER_QUESTION, world.sample_question(scene, rng).question)]
     if task == "spec":
-        return TextExample(task, image, prompts.PROPOSER_SPEC, prompts.format_spec(world.spec_for_scene(scene, rng)))
+        return [TextExample(task, image, prompts.PROPOSER_SPEC, prompts.format_spec(world.spec_for_scene(scene, rng)))]
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(PRETRAIN.task_weights)}")
 
 

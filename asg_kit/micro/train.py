@@ -1,6 +1,6 @@
 """Train the micro model from scratch on the shapes world, on a CPU.
 
-A tiny Janus (``asg_kit.micro.model``) learns in four stages:
+A tiny Janus (``asg_kit.micro.model``) learns in five stages:
 
 1. ``vq``: its VQ image tokenizer learns to encode and decode renders (cosine-distance
    codebook with straight-through gradients, dead codes restarted from encoder outputs);
@@ -26,7 +26,13 @@ A tiny Janus (``asg_kit.micro.model``) learns in four stages:
    answers are about a GenEval-style prompt's scene (counting and position prompts
    weighted up), half of those with one error against the prompt (``world.prompt_scene``),
    asked in the forms a prompt's spec asks. Drawing is trained as in stage 2, so that
-   generation is kept (without it the shared trunk drifts: shapes-GenEval fell 7 points).
+   generation is kept (without it the shared trunk drifts: shapes-GenEval fell 7 points);
+5. ``judge``: a short stage for the question a position prompt's spec asks, "is the circle
+   left of the square ?" (``tasks.JUDGE``): asked as scenes ask it, three times in four the
+   answer is "no", and the refined model answers by that prior whatever the image shows.
+   Here it comes in contrasting pairs of one image, the relation seen ("yes") and one that
+   does not hold ("no"), for half of each batch; the other half rehearses the refinement,
+   drawing and patch supervision go on as there, and the last quarter anneals the rate.
 
 Every batch is drawn from an RNG seeded by (seed, stage, step), so a run resumed from its
 last checkpoint sees the same data as one never stopped. Checkpoints are written
@@ -92,6 +98,11 @@ class MicroTrainConfig:
     # the text mix ``tasks.REFINE``, drawing and patch supervision as in stage 2; 0 skips it.
     refine_steps: int = 3000
     refine_lr: float = 5e-4
+    # Stage 5, the judge's yes/no: contrasting pairs and the refinement rehearsed
+    # (``tasks.JUDGE``), drawing and patch supervision kept; 0 skips it.
+    judge_steps: int = 2000
+    judge_batch: int = 32
+    judge_lr: float = 5e-4
     checkpoint_every: int = 250
     threads: int = 0  # 0: torch's default
 
@@ -119,12 +130,20 @@ def _rng(config: MicroTrainConfig, stage: str, step: int) -> random.Random:
     return random.Random(f"{config.seed}-{stage}-{step}")
 
 
-def _lr(config: MicroTrainConfig, step: int) -> float:
+def stage_lr(config: MicroTrainConfig, stage: str, step: int, steps: int, peak: float) -> float:
+    """The rate at ``step`` of a stage's ``steps``: a linear warmup to ``peak``, then stage 2
+    decays along a cosine to ``lm_min_lr_share`` of it, the judge stage anneals its last
+    quarter to 0 along a cosine (at a constant rate its answers swung by up to 10 points of
+    a kind between checkpoints), and the others stay constant."""
     if step < config.warmup:
-        return config.lm_lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.lm_steps - config.warmup)
-    floor = config.lm_min_lr_share
-    return config.lm_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return peak * (step + 1) / config.warmup
+    if stage == "lm":
+        progress = (step - config.warmup) / max(1, steps - config.warmup)
+        floor = config.lm_min_lr_share
+        return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    if stage == "judge" and step >= 0.75 * steps:
+        return peak * 0.5 * (1 + math.cos(math.pi * (step - 0.75 * steps) / (0.25 * steps)))
+    return peak
 
 
 class PatchHeads(torch.nn.Module):
@@ -190,12 +209,14 @@ def _claim(config: MicroTrainConfig, out: Path, notice: Callable[[str], None]) -
         raise UserError(f"--refine-steps {config.refine_steps!r}: use a whole number >= 0 (0 skips the Solver's refinement)")
     if isinstance(config.position_steps, bool) or not isinstance(config.position_steps, int) or config.position_steps < 0:
         raise UserError(f"--position-steps {config.position_steps!r}: use a whole number >= 0 (0 skips the position curriculum)")
-    for name in ("refine_lr", "position_lr"):
+    if isinstance(config.judge_steps, bool) or not isinstance(config.judge_steps, int) or config.judge_steps < 0:
+        raise UserError(f"--judge-steps {config.judge_steps!r}: use a whole number >= 0 (0 skips the judge stage)")
+    for name in ("refine_lr", "position_lr", "judge_lr"):
         if not getattr(config, name) > 0:
             raise UserError(f"{name}={getattr(config, name)!r}: use a number > 0")
     if not config.patch_loss_weight >= 0:
         raise UserError(f"patch_loss_weight={config.patch_loss_weight!r}: use a number >= 0")
-    for name in ("vq_steps", "lm_steps", "checkpoint_every", "image_size", "vq_batch", "text_batch", "image_batch", "patch_batch", "position_batch"):
+    for name in ("vq_steps", "lm_steps", "checkpoint_every", "image_size", "vq_batch", "text_batch", "image_batch", "patch_batch", "position_batch", "judge_batch"):
         check_positive(f"--{name.replace('_', '-')}", getattr(config, name), integer=True)
     check_output_folder("RUN", out)
     if recover_folder(out / "checkpoint"):
@@ -228,7 +249,7 @@ def train(
     stop_after: int | None = None,
     notice: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> Path:
-    """Run (or resume) the four stages in ``out`` and export the model to ``out/model``.
+    """Run (or resume) the five stages in ``out`` and export the model to ``out/model``.
 
     ``log`` receives one dict per logged step; ``stop_after`` ends the run after that many
     optimizer steps in this call (for tests of resuming). Returns the export folder, or the
@@ -264,7 +285,7 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             optimizer_state = None
         cut_torn_line(metrics)  # a run killed during an append left half a row
         if metrics.exists():  # rows written after the checkpoint are written again
-            order = {"vq": 0, "lm": 1, "position": 2, "refine": 3, "done": 4}
+            order = {"vq": 0, "lm": 1, "position": 2, "refine": 3, "judge": 4, "done": 5}
             at = (order[progress["stage"]], progress["step"])
             write_jsonl_atomic(metrics, [row for _, row in read_jsonl(metrics) if (order[row["stage"]], row["step"]) < at])
     budget = stop_after if stop_after is not None else math.inf
@@ -315,12 +336,14 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         progress, optimizer_state = {"stage": "lm", "step": 0}, None
         _save_checkpoint(out, model, processor, optimizer, progress)
 
-    # Stages 2-4: vision encoder, language model and generation head; positions; the Solver --
+    # Stages 2-5: vision encoder, language model and generation head; positions; the Solver;
+    # the judge ----------------------------------------------------------------------------
     # (name, steps, text mix, text batch, peak rate, draws and supervises patches)
     stages = [
         ("lm", config.lm_steps, tasks.PRETRAIN, config.text_batch, config.lm_lr, True),
         ("position", config.position_steps, tasks.POSITION_CURRICULUM, config.position_batch, config.position_lr, False),
         ("refine", config.refine_steps, tasks.REFINE, config.text_batch, config.refine_lr, True),
+        ("judge", config.judge_steps, tasks.JUDGE, config.judge_batch, config.judge_lr, True),
     ]
     for index, (stage, steps, mix, text_batch, peak_lr, draws) in enumerate(stages):
         if progress["stage"] != stage:
@@ -351,13 +374,13 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             if budget <= 0:
                 _save_checkpoint(out, model, processor, optimizer, {"stage": stage, "step": step}, heads)
                 return out / "checkpoint"
-            lr = _lr(config, step) if stage == "lm" else peak_lr * min(1.0, (step + 1) / config.warmup)
+            lr = stage_lr(config, stage, step, steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             rng = _rng(config, stage, step)
 
             phase = mix[min(len(mix) - 1, step * len(mix) // steps)] if isinstance(mix, tuple) else mix  # a curriculum: equal phases
-            texts = [tasks.text_example(rng, image_size=config.image_size, mix=phase) for _ in range(text_batch)]
+            texts = tasks.text_batch(rng, text_batch, config.image_size, phase)
             requests = [AnswerRequest(example.image, example.prompt) for example in texts]
             completions = [backbone.encode_completion(example.target) for example in texts]
             scores = backbone.score_completions(requests, completions)
