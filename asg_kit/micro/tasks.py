@@ -28,8 +28,8 @@ class TaskMix:
     objects: int | tuple[int, ...] | None = None  # objects in each random scene (a tuple: one of them; None: 1 to 4)
     kinds: tuple[str, ...] | None = None  # ask only these kinds, evenly (None: every kind)
     # a yes/no position question about a random scene comes as a contrasting pair
-    # (``world.contrasting_relation_questions``): the relation seen, and its opposite; also
-    # in the mixes this one rehearses
+    # (``world.contrasting_relation_questions``): the relation seen, and one that does not
+    # hold; also in the mixes this one rehearses
     contrast: bool = False
     # (mix, share): draw that share of examples from another mix, so that a skill an
     # earlier stage taught is rehearsed rather than forgotten
