@@ -1,8 +1,19 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 from asg_kit.adapters.janus import JanusAdapter
 from asg_kit.adapters.tiny_janus import build_tiny_janus
+
+
+def load_bench_script(name):
+    """A script under bench/ (not a package) imported as a module, for its functions."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def perturb_roles(adapter, scale=0.5, seed=0):

@@ -3,18 +3,15 @@ end (files, skipping finished runs, resuming a killed one without duplicates).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from asg_kit.micro import diagnostics as diag
 from asg_kit.micro import world
 from asg_kit.micro.pool import pool_scenes, write_pool
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import load_bench_script
 
 
 def test_t_critical_known_values():
@@ -103,10 +100,7 @@ def test_skip_counts():
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("micro_asg_study", ROOT / "bench" / "micro_asg.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("micro_asg")
 
 
 TINY = ["--steps", "4", "--evals", "2", "--seeds", "1", "--pool", "6", "--per-kind", "1", "--per-category", "1", "--images", "1", "--bin", "2"]

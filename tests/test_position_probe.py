@@ -1,20 +1,14 @@
 """The linear probes behind the README's "where the positions get lost" table."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench_script
 
 
 def _probe_script():
-    spec = importlib.util.spec_from_file_location("position_probe", ROOT / "bench" / "position_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("position_probe")
 
 
 def test_a_probe_reads_what_is_linearly_there_and_nothing_else():

@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from asg_kit import prompts
 from asg_kit.micro import tasks, world
 from asg_kit.rewards import GenerationSpec, split_answer
@@ -107,20 +109,24 @@ def test_position_curriculum_asks_its_phase_on_its_scenes_with_true_answers():
     assert tasks.REFINE.rehearse == (tasks.POSITION_CURRICULUM[-1], 0.25)
 
 
-def test_judge_mix_asks_relations_in_contrasting_pairs_and_rehearses_the_refinement():
+@pytest.mark.parametrize("phase", [0, 2])
+def test_judge_phases_ask_relations_in_contrasting_pairs_and_rehearse_the_refinement(phase):
     """Stage 5: a yes/no relation question about a random scene comes as a pair about one
-    image, the relation seen ("yes") and then one that does not hold ("no"), both true when read back
-    from the pixels by the detector, mostly on two or three objects; the other half of the
-    examples is the refinement's mix (captions among them), where such questions come in
-    pairs too."""
+    image, the relation seen ("yes") and then one that does not hold ("no"), both true when
+    read back from the pixels by the detector, mostly on two or three objects; the other
+    half of the examples is the refinement's mix (captions among them), where such
+    questions come in pairs too. In the first two phases the "no" is always the opposite
+    relation; in the last, the opposite or another."""
     from asg_kit.micro import detector
 
+    assert len(tasks.JUDGE) == 3 and tasks.JUDGE[0] == tasks.JUDGE[1]
+    assert [mix.opposite_share for mix in tasks.JUDGE] == [1.0, 1.0, 0.5]
     rng = random.Random(4)
-    examples = [example for _ in range(8) for example in tasks.text_batch(rng, 32, 64, tasks.JUDGE)]
+    examples = [example for _ in range(8) for example in tasks.text_batch(rng, 32, 64, tasks.JUDGE[phase])]
     assert len(examples) == 256 and any(e.task == "caption" for e in examples)
     pairs = [(a, b) for a, b in zip(examples, examples[1:]) if a.image is b.image]
     assert len(pairs) > 60
-    four_objects, misread = 0, 0
+    four_objects, misread, opposites = 0, 0, 0
     for held, unseen in pairs:
         found = detector.detect(held.image)
         four_objects += len(found) == 4
@@ -131,6 +137,8 @@ def test_judge_mix_asks_relations_in_contrasting_pairs_and_rehearses_the_refinem
         assert [e.target for e in (held, unseen)] == [prompts.format_answer("yes"), prompts.format_answer("no")]
         relation, other = (next(r for r in world.RELATIONS if f" {r} " in q) for q in asked)
         assert asked[1] == asked[0].replace(f" {relation} ", f" {other} ")
+        opposites += {relation, other} in ({"left of", "right of"}, {"above", "below"})
     # boxes read off 64-pixel renders may put a relation a hair past GenEval's threshold the other way
     assert four_objects < len(pairs) / 4 and misread <= len(pairs) / 20
-    assert tasks.JUDGE.rehearse == (tasks.REFINE, 0.5)
+    assert opposites == len(pairs) if phase == 0 else len(pairs) / 2 < opposites < len(pairs)
+    assert all(mix.rehearse == (tasks.REFINE, 0.5) for mix in tasks.JUDGE)

@@ -67,8 +67,9 @@ def test_questions_have_true_answers():
 
 def test_contrasting_relation_questions_are_the_scenes_own_and_differ_in_the_relation():
     """The pair is two of the scene's own yes/no questions, "yes" then "no", differing only
-    in the relation (the one that does not hold is the opposite or a perpendicular one);
-    None exactly when the scene asks no yes/no."""
+    in the relation (the one that does not hold is the opposite or a perpendicular one;
+    only the opposite when ``opposite_share`` is 1); None exactly when the scene asks no
+    yes/no."""
     rng = random.Random(12)
     pairs, others = 0, {"opposite": 0, "perpendicular": 0}
     for _ in range(200):
@@ -85,6 +86,11 @@ def test_contrasting_relation_questions_are_the_scenes_own_and_differ_in_the_rel
             assert unseen.question == held.question.replace(f" {relation} ", f" {other} ")
             others["opposite" if {relation, other} in ({"left of", "right of"}, {"above", "below"}) else "perpendicular"] += 1
     assert pairs > 100 and min(others.values()) > 20
+    for _ in range(100):  # the judge stage's first phases: the "no" is always the opposite
+        pair = world.contrasting_relation_questions(world.sample_scene(rng, n_objects=2), rng, opposite_share=1.0)
+        if pair:
+            relation, other = (next(r for r in world.RELATIONS if f" {r} " in qa.question) for qa in pair)
+            assert {relation, other} in ({"left of", "right of"}, {"above", "below"})
 
 
 def test_relations_follow_geneval_rule():

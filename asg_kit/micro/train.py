@@ -31,8 +31,10 @@ A tiny Janus (``asg_kit.micro.model``) learns in five stages:
    left of the square ?" (``tasks.JUDGE``): asked as scenes ask it, three times in four the
    answer is "no", and the refined model answers by that prior whatever the image shows.
    Here it comes in contrasting pairs of one image, the relation seen ("yes") and one that
-   does not hold ("no"), for half of each batch; the other half rehearses the refinement,
-   drawing and patch supervision go on as there, and the last quarter anneals the rate.
+   does not hold ("no"), for half of each batch: for two thirds of the stage that "no" is
+   always the opposite relation (a swapped pair; the direction is learned only then), for
+   the last third also the others; the other half rehearses the refinement, drawing and
+   patch supervision go on as there, and the last quarter anneals the rate.
 
 Every batch is drawn from an RNG seeded by (seed, stage, step), so a run resumed from its
 last checkpoint sees the same data as one never stopped. Checkpoints are written
@@ -99,8 +101,8 @@ class MicroTrainConfig:
     refine_steps: int = 3000
     refine_lr: float = 5e-4
     # Stage 5, the judge's yes/no: contrasting pairs and the refinement rehearsed
-    # (``tasks.JUDGE``), drawing and patch supervision kept; 0 skips it.
-    judge_steps: int = 2000
+    # (``tasks.JUDGE``, two phases), drawing and patch supervision kept; 0 skips it.
+    judge_steps: int = 2400
     judge_batch: int = 32
     judge_lr: float = 5e-4
     checkpoint_every: int = 250

@@ -226,13 +226,13 @@ def _relation_question(ref_a: str, asked: str, ref_b: str, holds: bool) -> QA:
     return QA(f"is {ref_a} {asked} {ref_b} ?", "yes" if holds else "no", "yesno")
 
 
-def contrasting_relation_questions(scene: Scene, rng: random.Random) -> tuple[QA, QA] | None:
+def contrasting_relation_questions(scene: Scene, rng: random.Random, opposite_share: float = 0.5) -> tuple[QA, QA] | None:
     """"is A left of B ?" (yes: the relation holds) and the same question with a relation
     that does not hold (no), about one pair of the scene's objects; None when no named pair
     holds a relation. Asked of one image together, they can be answered only by looking:
     the answer's prior is even and the words differ in the relation alone. The relation
-    that does not hold is the opposite one at least half of the time (a swapped pair is
-    what a judge must catch), else a perpendicular one."""
+    that does not hold is the opposite one with probability ``opposite_share`` (a swapped
+    pair is what a judge must catch), else any of those that do not hold."""
     pairs = [
         (ref_a, ref_b, held)
         for a in scene.objects
@@ -244,7 +244,7 @@ def contrasting_relation_questions(scene: Scene, rng: random.Random) -> tuple[QA
     ref_a, ref_b, held = rng.choice(pairs)
     seen = rng.choice(sorted(held))
     opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[seen]
-    unseen = opposite if rng.random() < 0.5 else rng.choice([relation for relation in RELATIONS if relation not in held])
+    unseen = opposite if rng.random() < opposite_share else rng.choice([relation for relation in RELATIONS if relation not in held])
     return _relation_question(ref_a, seen, ref_b, True), _relation_question(ref_a, unseen, ref_b, False)
 
 
