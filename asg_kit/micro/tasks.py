@@ -73,10 +73,11 @@ REFINE = TaskMix(
 # refinement (without it "where" fell from 72 % to 45 % and counts from 85 % to 68 %).
 # Two phases. For the first two thirds the "no" is always the opposite relation: the
 # direction is learned only where nothing else tells the two questions apart (with any
-# relation that does not hold as the "no", or the opposite in half or a quarter of them,
-# swapped positions stayed at AUC 0.71-0.74 after 2,000 steps). Then the opposite half the
-# time, else any relation that does not hold: with the opposite alone the Solver says "yes"
-# to a perpendicular relation, and shapes-VQA's yes/no fell to 56 %.
+# relation that does not hold as the "no", the opposite in about two thirds of them, or
+# sets of four adding the converse, swapped positions stayed at AUC 0.71-0.74 after 2,000
+# steps). Then the opposite half the time, else any relation that does not hold: with the
+# opposite alone the Solver says "yes" to a perpendicular relation, and shapes-VQA's yes/no
+# fell to 56 %.
 _JUDGE_SWAPPED = TaskMix({"answer": 1.0}, objects=(2, 3), kinds=("yesno",), contrast=True, opposite_share=1.0, rehearse=(REFINE, 0.5))
 JUDGE = (_JUDGE_SWAPPED, _JUDGE_SWAPPED, replace(_JUDGE_SWAPPED, opposite_share=0.5))
 
