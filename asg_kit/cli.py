@@ -443,7 +443,7 @@ def micro_pool(
 @micro_app.command("train")
 def micro_train(
     ctx: typer.Context,
-    run: Path = typer.Argument(..., help="Run folder: checkpoints, metrics.jsonl and, at the end, model/."),
+    run: Path = typer.Argument(..., help="Run folder: checkpoints, metrics.jsonl, stages/STAGE/ (the model as each stage left it, for --model) and, at the end, model/."),
     seed: int = typer.Option(0, help="Seed of the weights and of every batch."),
     vq_steps: Optional[int] = typer.Option(None, help="Steps of the VQ tokenizer stage (default: 2500, MicroTrainConfig)."),
     lm_steps: Optional[int] = typer.Option(None, help="Steps of the language/vision/generation stage (default: 10000)."),

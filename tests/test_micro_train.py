@@ -41,6 +41,19 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
         assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_each_stage_leaves_the_model_as_a_shorter_run_ends(tmp_path):
+    full = tmp_path / "full"
+    final = load_file(train(MicroTrainConfig(**TINY), full) / "model.safetensors")
+    assert sorted(p.name for p in (full / "stages").iterdir()) == ["judge", "lm", "position", "refine"]
+    curriculum = load_file(train(MicroTrainConfig(**{**TINY, "refine_steps": 0, "judge_steps": 0}), tmp_path / "short") / "model.safetensors")
+    assert sorted(p.name for p in (tmp_path / "short" / "stages").iterdir()) == ["lm", "position"]  # a skipped stage leaves nothing
+    at_position, at_judge = load_file(full / "stages" / "position" / "model.safetensors"), load_file(full / "stages" / "judge" / "model.safetensors")
+    assert all(torch.equal(at_position[k], curriculum[k]) for k in curriculum)
+    assert all(torch.equal(at_judge[k], final[k]) for k in final)
+    assert not all(torch.equal(at_position[k], final[k]) for k in final)
+    JanusAdapter.from_pretrained(full / "stages" / "lm")
+
+
 def test_refine_stage_trains_all_but_the_tokenizer(tmp_path):
     without = load_file(train(MicroTrainConfig(**{**TINY, "refine_steps": 0, "judge_steps": 0}), tmp_path / "two") / "model.safetensors")
     refined = load_file(train(MicroTrainConfig(**TINY), tmp_path / "three") / "model.safetensors")

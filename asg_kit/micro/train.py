@@ -251,7 +251,9 @@ def train(
     stop_after: int | None = None,
     notice: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> Path:
-    """Run (or resume) the five stages in ``out`` and export the model to ``out/model``.
+    """Run (or resume) the five stages in ``out`` and export the model to ``out/model``; the
+    model as each of stages 2-5 left it goes to ``out/stages/<stage>`` (to benchmark a
+    stage with ``--model``).
 
     ``log`` receives one dict per logged step; ``stop_after`` ends the run after that many
     optimizer steps in this call (for tests of resuming). Returns the export folder, or the
@@ -433,10 +435,20 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         progress, optimizer_state = {"stage": following, "step": 0}, None
         if following == "done":
             model.eval()
+        if steps:  # written before the checkpoint moves past it, so a resumed run rewrites it
+            _export(model, processor, out / "stages" / stage)
         _save_checkpoint(out, model, processor, optimizer, progress)
 
-    export = out / "model"
-    shutil.rmtree(export, ignore_errors=True)
-    model.save_pretrained(export, safe_serialization=True)
-    processor.save_pretrained(export)
-    return export
+    return _export(model, processor, out / "model")
+
+
+def _export(model, processor, folder: Path) -> Path:
+    """Save a loadable model (``--model FOLDER``) beside ``folder`` and move it in when
+    complete: a run killed while saving never leaves a half-written export there."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    processor.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
