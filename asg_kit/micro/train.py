@@ -173,10 +173,7 @@ class PatchHeads(torch.nn.Module):
 def _save_checkpoint(out: Path, model, processor, optimizer, progress: dict, heads: PatchHeads | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = out / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
+    tmp = _write_model(model, processor, out / "checkpoint.tmp")
     if heads is not None:
         save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp / "patch_heads.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -443,12 +440,14 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
 
 
 def _export(model, processor, folder: Path) -> Path:
-    """Save a loadable model (``--model FOLDER``) beside ``folder`` and move it in when
+    """Save a loadable model (``--model FOLDER``) beside ``folder`` and swap it in when
     complete: a run killed while saving never leaves a half-written export there."""
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True)
-    processor.save_pretrained(partial)
+    swap_in_folder(_write_model(model, processor, folder.with_name(f".{folder.name}.partial")), folder)
+    return folder
+
+
+def _write_model(model, processor, folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
     return folder
