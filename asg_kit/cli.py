@@ -451,7 +451,7 @@ def micro_train(
     refine_steps: Optional[int] = typer.Option(None, help="Steps of the Solver's refinement (default: 3000; 0 skips it)."),
     judge_steps: Optional[int] = typer.Option(None, help="Steps of the judge stage, yes/no questions in contrasting pairs (default: 2400; 0 skips it)."),
 ) -> None:
-    """Train the micro model from scratch on the shapes world in five stages: VQ tokenizer, every role's job, a relative-position curriculum, the Solver's refinement, the judge's yes/no (about 2 hours on 2 CPU cores with the defaults: 2 h 04 min measured, up to about 2 h 45 min on a slower CPU; README). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
+    """Train the micro model from scratch on the shapes world in five stages: VQ tokenizer, every role's job, a relative-position curriculum, the Solver's refinement, the judge's yes/no (about 2 hours on 2 CPU cores with the defaults: 2 h 04 and 2 h 10 min measured (seeds 0, 1), up to about 2 h 45 min on a slower CPU; README). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
     from asg_kit.checks import UserError
     from asg_kit.jsonl import JsonlError
     from asg_kit.micro.train import micro_config_for, train
