@@ -447,7 +447,7 @@ def micro_train(
     seed: int = typer.Option(0, help="Seed of the weights and of every batch."),
     vq_steps: Optional[int] = typer.Option(None, help="Steps of the VQ tokenizer stage (default: 2500, MicroTrainConfig)."),
     lm_steps: Optional[int] = typer.Option(None, help="Steps of the language/vision/generation stage (default: 10000)."),
-    position_steps: Optional[int] = typer.Option(None, help="Steps of the relative-position curriculum (default: 2400; 0 skips it)."),
+    position_steps: Optional[int] = typer.Option(None, help="Steps of the relative-position curriculum (default: 2400; 0 skips it); each phase but the last goes on until 75 % of its held-out questions are answered, up to 3 times its share."),
     refine_steps: Optional[int] = typer.Option(None, help="Steps of the Solver's refinement (default: 3000; 0 skips it)."),
     judge_steps: Optional[int] = typer.Option(None, help="Steps of the judge stage, yes/no questions in contrasting pairs (default: 2400; 0 skips it)."),
 ) -> None:
@@ -474,10 +474,13 @@ def micro_train(
         "judge": progress.add_task("judge's yes/no", total=totals["judge"]),
     }
 
+    checked = {}  # the curriculum's last held-out check
+
     def log(row: dict) -> None:
         progress.start()
         stage = row["stage"]
-        progress.update(bars[stage], completed=row["step"] + 1)
+        totals[stage] = max(totals[stage], row["step"] + 1)  # a curriculum phase goes on until its check passes
+        progress.update(bars[stage], completed=row["step"] + 1, total=totals[stage])
         for earlier in list(bars)[: list(bars).index(stage)]:  # done, also when resumed past them
             progress.update(bars[earlier], completed=totals[earlier])
         if stage == "vq":
@@ -485,7 +488,10 @@ def micro_train(
         elif stage == "lm":
             progress.update(bars["lm"], description=f"lm  text {row['text_loss']:.3f}  image {row['image_loss']:.3f}")
         else:
-            progress.update(bars[stage], description=f"{stage}  text {row['text_loss']:.3f}")
+            if "check_accuracy" in row:
+                checked.update(row)
+            check = f"  phase {checked['phase'] + 1} held-out {checked['check_accuracy']:.0%}" if checked and stage == "position" else ""
+            progress.update(bars[stage], description=f"{stage}  text {row['text_loss']:.3f}{check}")
 
     try:
         export = train(config, run, log=log, notice=lambda line: errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False))

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from asg_kit.adapters.janus import JanusAdapter
-from asg_kit.micro.train import MicroTrainConfig, train
+from asg_kit.micro.train import MicroTrainConfig, Phases, train
 
 pytestmark = pytest.mark.janus
 
-TINY = dict(vq_steps=3, lm_steps=3, position_steps=2, position_batch=2, refine_steps=3, judge_steps=2, judge_batch=3, vq_batch=2, text_batch=2, image_batch=2, patch_batch=2, checkpoint_every=2, warmup=1, threads=1)
+TINY = dict(vq_steps=3, lm_steps=3, position_steps=2, position_pass=0.0, position_batch=2, refine_steps=3, judge_steps=2, judge_batch=3, vq_batch=2, text_batch=2, image_batch=2, patch_batch=2, checkpoint_every=2, warmup=1, threads=1)
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
@@ -107,3 +107,50 @@ def test_stage_rates_warm_up_then_decay_hold_or_anneal():
     judge = [stage_lr(config, "judge", step, 100, 1.0) for step in range(10, 100)]
     assert judge[:66] == [1.0] * 66  # steps 10-75
     assert all(a > b for a, b in zip(judge[65:], judge[66:])) and judge[-1] < 0.01
+
+
+def test_curriculum_phase_goes_on_until_its_check_passes_or_hits_its_cap():
+    checked = []
+
+    def check(phase):  # phase 0 never passes; phase 1 passes at its first check
+        checked.append(phase)
+        return 1.0 if phase == 1 else 0.0
+
+    phases = Phases(("two", "three", "any"), steps=6, passing=0.75, every=2, cap=3)
+    drawn, rows, step = [], [], 0
+    while not phases.done(step):
+        drawn.append(phases.mix(step))
+        rows.append(phases.after(step, check))
+        step += 1
+    # phase 0: its share (2 steps), checked then and every 2 steps, moved on at 3 times its share
+    assert drawn == ["two"] * 6 + ["three"] * 2 + ["any"] * 2
+    assert [r for r in rows if r] == [
+        {"phase": 0, "phase_steps": 2, "check_accuracy": 0.0},
+        {"phase": 0, "phase_steps": 4, "check_accuracy": 0.0},
+        {"phase": 0, "phase_steps": 6, "check_accuracy": 0.0},
+        {"phase": 1, "phase_steps": 2, "check_accuracy": 1.0},
+    ]
+    assert checked == [0, 0, 0, 1] and phases.state() == {"phase": 2, "phase_start": 8}
+    # ungated: equal fixed phases, never checked
+    fixed = Phases(("two", "three", "any"), steps=6)
+    assert [fixed.mix(s) for s in range(6)] == ["two", "two", "three", "three", "any", "any"] and fixed.done(6) and not fixed.after(1, check)
+    # a phase without a share is skipped, gated or not
+    assert Phases(("two", "three", "any"), steps=2, passing=0.75).mix(0) == "three"
+
+
+def test_gated_curriculum_resumed_mid_phase_equals_uninterrupted(tmp_path):
+    # a tiny random model never answers every held-out question: each phase runs to its cap
+    gated = MicroTrainConfig(**{**TINY, "position_steps": 3, "position_pass": 1.0, "position_check_every": 1, "position_check_questions": 3, "position_phase_cap": 2})
+    whole = load_file(train(gated, tmp_path / "whole") / "model.safetensors")
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if "check_accuracy" in r]
+    assert [(r["phase"], r["phase_steps"]) for r in checks] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(0 <= r["check_accuracy"] < 1 for r in checks)
+    assert max(r["step"] for r in rows if r["stage"] == "position") == 4  # 2 + 2 + the last phase's 1
+    before = TINY["vq_steps"] + TINY["lm_steps"]
+    assert train(gated, tmp_path / "parts", stop_after=before + 3).name == "checkpoint"  # inside phase 1
+    assert json.loads((tmp_path / "parts" / "checkpoint" / "progress.json").read_text()) == {"stage": "position", "step": 3, "phase": 1, "phase_start": 2}
+    parts = load_file(train(gated, tmp_path / "parts") / "model.safetensors")
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    resumed = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert len(resumed) == len(rows) and all(a | {"seconds": 0} == b | {"seconds": 0} for a, b in zip(rows, resumed))  # no row lost or doubled

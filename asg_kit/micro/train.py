@@ -64,6 +64,7 @@ from asg_kit.adapters.janus import JanusAdapter
 from asg_kit.checks import UserError, check_output_folder, check_positive, check_seed, folder_lock
 from asg_kit.jsonl import cut_torn_line, read_jsonl, recover_folder, swap_in_folder, write_json_atomic, write_jsonl_atomic
 from asg_kit.micro import tasks
+from asg_kit.micro.benchmarks import run_vqa
 
 
 @dataclass
@@ -96,6 +97,15 @@ class MicroTrainConfig:
     position_steps: int = 2400
     position_batch: int = 32
     position_lr: float = 1e-3
+    # Each phase of the curriculum but the last runs at least its share of position_steps,
+    # then goes on until the model answers position_pass of that phase's held-out questions
+    # greedily (position_check_questions of them, asked every position_check_every steps), at
+    # most position_phase_cap times its share. With equal fixed phases one draw of the
+    # recipe (seed 1) never broke through (32 % of position questions); 0 fixes the phases.
+    position_pass: float = 0.75
+    position_check_every: int = 100
+    position_check_questions: int = 64
+    position_phase_cap: int = 3
     # Stage 4, the Solver's refinement: a fresh optimizer at a constant rate (after warmup),
     # the text mix ``tasks.REFINE``, drawing and patch supervision as in stage 2; 0 skips it.
     refine_steps: int = 3000
@@ -146,6 +156,62 @@ def stage_lr(config: MicroTrainConfig, stage: str, step: int, steps: int, peak: 
     if stage == "judge" and step >= 0.75 * steps:
         return peak * 0.5 * (1 + math.cos(math.pi * (step - 0.75 * steps) / (0.25 * steps)))
     return peak
+
+
+class Phases:
+    """Which mix of a stage's curriculum each step draws from, and the step the stage ends at.
+
+    Phase ``p`` of ``n`` has a share of the stage's ``steps``: ``steps * (p + 1) // n - steps
+    * p // n``. Ungated, the share is its length. Gated (``passing`` > 0), each phase but the
+    last runs its share, then goes on until the held-out check that ``after`` is given
+    reaches ``passing`` (checked when the share is done and every ``every`` steps after) or
+    the phase has run ``cap`` times its share; a phase with no share is skipped.
+    """
+
+    def __init__(self, mixes, steps: int, phase: int = 0, start: int = 0, passing: float = 0.0, every: int = 100, cap: int = 1):
+        self.mixes = mixes if isinstance(mixes, tuple) else (mixes,)
+        self.steps, self.phase, self.start = steps, phase, start
+        self.gated = passing > 0 and len(self.mixes) > 1
+        self.passing, self.every, self.cap = passing, every, cap
+        self._skip_empty()
+
+    def share(self, phase: int) -> int:
+        n = len(self.mixes)
+        return self.steps * (phase + 1) // n - self.steps * phase // n
+
+    def _skip_empty(self) -> None:
+        while self.gated and self.phase < len(self.mixes) - 1 and self.share(self.phase) == 0:
+            self.phase += 1
+
+    def mix(self, step: int):
+        n = len(self.mixes)
+        return self.mixes[self.phase] if self.gated else self.mixes[min(n - 1, step * n // max(1, self.steps))]
+
+    def done(self, step: int) -> bool:
+        if not self.gated:
+            return step >= self.steps
+        last = len(self.mixes) - 1
+        return self.phase == last and step - self.start >= self.share(last)
+
+    def after(self, step: int, check: Callable[[int], float]) -> dict:
+        """After ``step``: when a check is due, run ``check(phase)`` (the held-out accuracy)
+        and move to the next phase if it passed or the phase is at its cap; returns the
+        check's figures to log (empty when none was due)."""
+        if not self.gated or self.phase == len(self.mixes) - 1:
+            return {}
+        length, share = step + 1 - self.start, self.share(self.phase)
+        capped = length >= self.cap * share
+        if length < share or ((length - share) % self.every and not capped):
+            return {}
+        figures = {"phase": self.phase, "phase_steps": length, "check_accuracy": check(self.phase)}
+        if figures["check_accuracy"] >= self.passing or capped:
+            self.phase, self.start = self.phase + 1, step + 1
+            self._skip_empty()
+        return figures
+
+    def state(self) -> dict:
+        """What a checkpoint keeps to resume mid-curriculum (nothing when ungated)."""
+        return {"phase": self.phase, "phase_start": self.start} if self.gated else {}
 
 
 class PatchHeads(torch.nn.Module):
@@ -213,9 +279,11 @@ def _claim(config: MicroTrainConfig, out: Path, notice: Callable[[str], None]) -
     for name in ("refine_lr", "position_lr", "judge_lr"):
         if not getattr(config, name) > 0:
             raise UserError(f"{name}={getattr(config, name)!r}: use a number > 0")
+    if not 0 <= config.position_pass <= 1:
+        raise UserError(f"position_pass={config.position_pass!r}: use a share from 0 (equal fixed phases) to 1")
     if not config.patch_loss_weight >= 0:
         raise UserError(f"patch_loss_weight={config.patch_loss_weight!r}: use a number >= 0")
-    for name in ("vq_steps", "lm_steps", "checkpoint_every", "image_size", "vq_batch", "text_batch", "image_batch", "patch_batch", "position_batch", "judge_batch"):
+    for name in ("vq_steps", "lm_steps", "checkpoint_every", "image_size", "vq_batch", "text_batch", "image_batch", "patch_batch", "position_batch", "judge_batch", "position_check_every", "position_check_questions", "position_phase_cap"):
         check_positive(f"--{name.replace('_', '-')}", getattr(config, name), integer=True)
     check_output_folder("RUN", out)
     if recover_folder(out / "checkpoint"):
@@ -370,18 +438,30 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         grid = config.image_size // model.config.vision_config.patch_size
+        gate = dict(passing=config.position_pass, every=config.position_check_every, cap=config.position_phase_cap) if stage == "position" else {}
+        phases = Phases(mix, steps, progress.get("phase", 0), progress.get("phase_start", 0), **gate)
+
+        def held_out_accuracy(phase: int) -> float:
+            items = tasks.held_out_questions(phases.mixes[phase], config.position_check_questions, f"{config.seed}-{stage}-check-{phase}")
+            model.eval()
+            try:
+                return run_vqa(backbone, items, config.image_size, role=None).accuracy
+            finally:
+                model.train()
+                vq.eval()
+
         started = time.time()
-        for step in range(progress["step"], steps):
+        step = progress["step"]
+        while not phases.done(step):
             if budget <= 0:
-                _save_checkpoint(out, model, processor, optimizer, {"stage": stage, "step": step}, heads)
+                _save_checkpoint(out, model, processor, optimizer, {"stage": stage, "step": step, **phases.state()}, heads)
                 return out / "checkpoint"
             lr = stage_lr(config, stage, step, steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             rng = _rng(config, stage, step)
 
-            phase = mix[min(len(mix) - 1, step * len(mix) // steps)] if isinstance(mix, tuple) else mix  # a curriculum: equal phases
-            texts = tasks.text_batch(rng, text_batch, config.image_size, phase)
+            texts = tasks.text_batch(rng, text_batch, config.image_size, phases.mix(step))
             requests = [AnswerRequest(example.image, example.prompt) for example in texts]
             completions = [backbone.encode_completion(example.target) for example in texts]
             scores = backbone.score_completions(requests, completions)
@@ -421,13 +501,16 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
             budget -= 1
-            row = {"stage": stage, "step": step, "loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(), "patch_loss": patch_loss.item(), "lr": lr, "seconds": time.time() - started}
-            if step % 25 == 0 or step == steps - 1:
+            row = {"stage": stage, "step": step, "loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(), "patch_loss": patch_loss.item(), "lr": lr}
+            row |= phases.after(step, held_out_accuracy)
+            row["seconds"] = time.time() - started
+            if step % 25 == 0 or phases.done(step + 1) or "check_accuracy" in row:
                 log(row)
                 with metrics.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
-            if (step + 1) % config.checkpoint_every == 0:
-                _save_checkpoint(out, model, processor, optimizer, {"stage": stage, "step": step + 1}, heads)
+            step += 1
+            if step % config.checkpoint_every == 0:
+                _save_checkpoint(out, model, processor, optimizer, {"stage": stage, "step": step, **phases.state()}, heads)
         following = stages[index + 1][0] if index + 1 < len(stages) else "done"
         progress, optimizer_state = {"stage": following, "step": 0}, None
         if following == "done":
