@@ -85,6 +85,23 @@ def test_refine_and_curriculum_settings_are_checked(tmp_path):
         train(MicroTrainConfig(**{**TINY, "judge_steps": True}), tmp_path / "bad")
     with pytest.raises(UserError, match="judge_lr"):
         train(MicroTrainConfig(**{**TINY, "judge_lr": 0.0}), tmp_path / "bad")
+    with pytest.raises(UserError, match="position_pass"):
+        train(MicroTrainConfig(**{**TINY, "position_pass": 75}), tmp_path / "bad")
+    with pytest.raises(UserError, match="position-phase-cap"):
+        train(MicroTrainConfig(**{**TINY, "position_phase_cap": 0}), tmp_path / "bad")
+
+
+def test_run_saved_before_the_curriculum_gate_resumes_with_fixed_phases(tmp_path):
+    from asg_kit.micro.train import micro_config_for
+
+    run = tmp_path / "old"
+    assert train(MicroTrainConfig(**TINY), run, stop_after=2).name == "checkpoint"
+    saved = json.loads((run / "config.json").read_text())
+    del saved["position_pass"]  # as a release without the gate wrote it
+    (run / "config.json").write_text(json.dumps(saved))
+    config = micro_config_for(run)
+    assert config.position_pass == 0.0
+    train(config, run)  # not refused as changed settings
 
 
 def test_exported_model_loads_as_janus_with_unit_codebook(tmp_path):

@@ -249,6 +249,8 @@ def _save_checkpoint(out: Path, model, processor, optimizer, progress: dict, hea
 
 # Settings that change nothing a run computes: a re-run may give other values.
 FREE_SETTINGS = ("threads", "checkpoint_every")
+# What a run saved before a setting existed ran with: it resumes as it started.
+BEFORE_SETTING = {"position_pass": 0.0}
 
 
 def micro_config_for(out: str | Path, **given) -> MicroTrainConfig:
@@ -258,7 +260,7 @@ def micro_config_for(out: str | Path, **given) -> MicroTrainConfig:
     saved = {}
     if path.is_file():
         try:
-            saved = json.loads(path.read_text())
+            saved = {**BEFORE_SETTING, **json.loads(path.read_text())}
         except ValueError as error:
             raise UserError(f"{path}: not valid JSON ({error})") from None
     known = {f for f in MicroTrainConfig.__dataclass_fields__}
@@ -290,7 +292,7 @@ def _claim(config: MicroTrainConfig, out: Path, notice: Callable[[str], None]) -
         notice(f"{out}/checkpoint: a run was killed while replacing its checkpoint; recovered the previous one from checkpoint.old")
     saved_path = out / "config.json"
     if saved_path.is_file() and (out / "checkpoint").exists():
-        saved = json.loads(saved_path.read_text())
+        saved = {**BEFORE_SETTING, **json.loads(saved_path.read_text())}
         changed = [f"{k}={saved.get(k)!r} (asked {v!r})" for k, v in asdict(config).items() if k not in FREE_SETTINGS and saved.get(k) != v]
         if changed:
             raise UserError(f"{out} holds a micro run started with {', '.join(changed)}; re-running resumes it with its own settings: drop those options, or pass another RUN folder")
