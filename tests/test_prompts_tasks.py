@@ -82,6 +82,10 @@ def test_refine_mix_answers_what_a_judge_asks():
     assert share(tasks.REFINE, several) > 2.5 * share(tasks.PRETRAIN, several)  # a quarter of it rehearses positions
     assert share(tasks.REFINE, position) > share(tasks.PRETRAIN, position)
     assert share(tasks.REFINE, presence) > 0 == share(tasks.PRETRAIN, presence)
+    colour = lambda e: "what color is" in e.prompt
+    shape = lambda e: "what shape is" in e.prompt
+    assert share(tasks.PRETRAIN, colour) > 2 * share(tasks.PRETRAIN, shape)  # weighted 3x: the kind stage 2 left weakest
+    assert share(tasks.REFINE, colour) > share(tasks.REFINE, shape)
 
 
 def test_position_curriculum_asks_its_phase_on_its_scenes_with_true_answers():
@@ -107,6 +111,24 @@ def test_position_curriculum_asks_its_phase_on_its_scenes_with_true_answers():
         if "yesno" in kinds:  # drawn as the scene asks them: most say no (one relation of four holds)
             assert 0 < answers.count("yes") < answers.count("no")
     assert tasks.REFINE.rehearse == (tasks.POSITION_CURRICULUM[-1], 0.25)
+
+
+def test_position_curriculum_asks_where_questions_with_their_converse_on_one_image():
+    """The two gated phases: each "where is A relative to B ?" comes with "where is B
+    relative to A ?" about the same image, opposite answers (the names' order is all that
+    tells them apart); the last phase asks them singly."""
+    opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    rng = random.Random(6)
+    for phase in tasks.POSITION_CURRICULUM[:2]:
+        batch = tasks.text_batch(rng, 32, 16, phase)
+        for forward, backward in zip(batch[::2], batch[1::2]):
+            assert forward.image is backward.image
+            asked = [e.prompt[e.prompt.index("where is ") :].split(" ?")[0] for e in (forward, backward)]
+            a, b = asked[0].removeprefix("where is ").split(" relative to ")
+            assert asked[1] == f"where is {b} relative to {a}"
+            assert backward.target == prompts.format_answer(opposite[split_answer(forward.target)[0]])
+    last = tasks.text_batch(rng, 32, 16, tasks.POSITION_CURRICULUM[-1])
+    assert not any(x.image is y.image for x, y in zip(last, last[1:]))
 
 
 @pytest.mark.parametrize("phase", [0, 2])

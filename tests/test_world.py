@@ -93,6 +93,28 @@ def test_contrasting_relation_questions_are_the_scenes_own_and_differ_in_the_rel
             assert {relation, other} in ({"left of", "right of"}, {"above", "below"})
 
 
+def test_converse_position_questions_are_the_scenes_own_with_the_names_swapped():
+    """"where is A relative to B ?" then "where is B relative to A ?": both the scene's own
+    questions, the names in swapped order, opposite answers; None exactly when the scene asks
+    no position question."""
+    rng = random.Random(5)
+    opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    pairs = 0
+    for _ in range(200):
+        scene = world.sample_scene(rng)
+        truth = {qa.question: qa for qa in world.scene_questions(scene)}
+        pair = world.converse_position_questions(scene, rng)
+        assert (pair is None) == (not any(qa.kind == "position" for qa in truth.values()))
+        if pair:
+            pairs += 1
+            forward, backward = pair
+            assert truth[forward.question] == forward and truth[backward.question] == backward
+            a, b = forward.question.removeprefix("where is ").removesuffix(" ?").split(" relative to ")
+            assert backward.question == f"where is {b} relative to {a} ?"
+            assert backward.answer == opposite[forward.answer]
+    assert pairs > 100
+
+
 def test_relations_follow_geneval_rule():
     left = (0.1, 0.4, 0.3, 0.6)
     right = (0.7, 0.4, 0.9, 0.6)

@@ -34,6 +34,9 @@ class TaskMix:
     # mixes this one rehearses
     contrast: bool = False
     opposite_share: float = 0.5
+    # a "where is A relative to B ?" question comes with its converse, "where is B relative
+    # to A ?", about the same image (``world.converse_position_questions``)
+    converse: bool = False
     # (mix, share): draw that share of examples from another mix, so that a skill an
     # earlier stage taught is rehearsed rather than forgotten
     rehearse: tuple[TaskMix, float] | None = None
@@ -52,8 +55,8 @@ PRETRAIN = TaskMix({"answer": 0.6, "caption": 0.1, "ask": 0.1, "spec": 0.1, "dec
 # more (54 % among four, measured from the first phase's end); the last phase asks both
 # position kinds on every scene size, so that yes/no questions are not lost.
 POSITION_CURRICULUM = (
-    TaskMix({"answer": 1.0}, objects=2, kinds=("position",)),
-    TaskMix({"answer": 1.0}, objects=3, kinds=("position",)),
+    TaskMix({"answer": 1.0}, objects=2, kinds=("position",), converse=True),
+    TaskMix({"answer": 1.0}, objects=3, kinds=("position",), converse=True),
     TaskMix({"answer": 1.0}, kinds=("position", "yesno")),
 )
 # Stage 4: the Solver as a judge, with the kinds the pretrained model answers worst
@@ -148,6 +151,8 @@ def text_examples(rng: random.Random, task: str | None = None, image_size: int =
                 answerable = [qa for qa in answerable if qa.kind == kind]
         qa = rng.choice(answerable) if answerable else world.sample_question(scene, rng, mix.kind_weights, extra)
         pair = world.contrasting_relation_questions(scene, rng, opposite_share) if (contrast or mix.contrast) and qa.kind == "yesno" and not judged else None
+        if mix.converse and qa.kind == "position" and not judged:
+            pair = world.converse_position_questions(scene, rng)
         return [
             TextExample(task, image, prompts.solver_prompt(q.question, rng.randrange(len(prompts.SOLVER_FRAMINGS))), prompts.format_answer(q.answer))
             for q in pair or (qa,)

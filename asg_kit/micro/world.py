@@ -226,6 +226,24 @@ def _relation_question(ref_a: str, asked: str, ref_b: str, holds: bool) -> QA:
     return QA(f"is {ref_a} {asked} {ref_b} ?", "yes" if holds else "no", "yesno")
 
 
+def converse_position_questions(scene: Scene, rng: random.Random) -> tuple[QA, QA] | None:
+    """"where is A relative to B ?" and "where is B relative to A ?" about one pair of the
+    scene's objects with one clear relation (None when no named pair has one). Asked of one
+    image together, the answers are opposite and the questions differ in the order of the
+    names alone, so an answer that follows the axis the objects lie on but not the names is
+    wrong on one of the two."""
+    pairs = [
+        (ref_a, ref_b, forward, backward)
+        for a in scene.objects
+        for b in scene.objects
+        if a is not b and (ref_a := _reference(scene, a)) and (ref_b := _reference(scene, b)) and (forward := dominant_relation(a, b)) and (backward := dominant_relation(b, a))
+    ]
+    if not pairs:
+        return None
+    ref_a, ref_b, forward, backward = rng.choice(pairs)
+    return QA(f"where is {ref_a} relative to {ref_b} ?", forward.split()[0], "position"), QA(f"where is {ref_b} relative to {ref_a} ?", backward.split()[0], "position")
+
+
 def contrasting_relation_questions(scene: Scene, rng: random.Random, opposite_share: float = 0.5) -> tuple[QA, QA] | None:
     """"is A left of B ?" (yes: the relation holds) and the same question with a relation
     that does not hold (no), about one pair of the scene's objects; None when no named pair
