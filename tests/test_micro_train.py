@@ -171,3 +171,22 @@ def test_gated_curriculum_resumed_mid_phase_equals_uninterrupted(tmp_path):
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
     resumed = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
     assert len(resumed) == len(rows) and all(a | {"seconds": 0} == b | {"seconds": 0} for a, b in zip(rows, resumed))  # no row lost or doubled
+
+
+def test_run_started_at_a_stage_from_an_export_ends_as_the_whole_run(tmp_path):
+    from asg_kit.checks import UserError
+
+    config = MicroTrainConfig(**TINY)
+    whole = load_file(train(config, tmp_path / "whole") / "model.safetensors")
+    later = train(config, tmp_path / "later", start=("refine", tmp_path / "whole" / "stages" / "position"))
+    assert sorted(p.name for p in (tmp_path / "later" / "stages").iterdir()) == ["judge", "refine"]
+    rows = [json.loads(line) for line in (tmp_path / "later" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"refine", "judge"}
+    c = load_file(later / "model.safetensors")
+    assert all(torch.equal(whole[k], c[k]) for k in whole)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(config, tmp_path / "later", start=("refine", tmp_path / "whole" / "stages" / "position"))
+    with pytest.raises(UserError, match="start-stage 'vq'"):
+        train(config, tmp_path / "bad", start=("vq", tmp_path / "whole" / "model"))
+    with pytest.raises(UserError, match="no model.safetensors"):
+        train(config, tmp_path / "bad", start=("judge", tmp_path / "whole" / "stages"))

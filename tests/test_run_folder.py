@@ -283,6 +283,9 @@ def test_micro_train_resumes_only_with_its_own_settings(tmp_path):
     with folder_lock(run):
         line = one_error_line(CliRunner().invoke(app, ["micro", "train", str(run)]))
         assert "in use by another" in line
+    assert "go together" in one_error_line(CliRunner().invoke(app, ["micro", "train", str(tmp_path / "new"), "--start-stage", "refine"]))
+    line = one_error_line(CliRunner().invoke(app, ["micro", "train", str(run), "--start-stage", "refine", "--from-model", str(run / "stages" / "position")]))
+    assert "already holds a run" in line
 
 
 # ---- role adapters, bench, rewards ----------------------------------------------------------

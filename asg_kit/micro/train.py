@@ -15,11 +15,13 @@ A tiny Janus (``asg_kit.micro.model``) learns in five stages:
    under each patch and the patch's row and column), so it sees shapes and where they are
    long before one answer token per example could teach it;
 3. ``position``: a curriculum for relative position, text only (``tasks.POSITION_CURRICULUM``),
-   in larger batches at a higher rate: "where is A relative to B ?" on two-object scenes,
-   then on three, then both position kinds on scenes of any size. Mixed among the other
-   questions the answer stays at chance however often it is asked (the model learns the
-   axis that separates the objects, never which object is which); alone, each phase breaks
-   through within a few hundred steps. The next stage rehearses the last phase;
+   in larger batches at a higher rate: "where is A relative to B ?" with its converse
+   ("where is B relative to A ?", same image) on two-object scenes, then on three, then
+   both position kinds on scenes of any size. Mixed among the other questions the answer
+   stays at chance however often it is asked (the model learns the axis that separates the
+   objects, never which object is which); alone and with its converse, each phase breaks
+   through within a few hundred steps, and the first two phases go on until a held-out
+   check says they have (``Phases``). The next stage rehearses the last phase;
 4. ``refine``: with a fresh optimizer at a constant, lower rate, the text examples turn to
    the Solver's two jobs (``tasks.REFINE``): answering, with position, yes/no and count
    questions drawn more often (the kinds stage 2 leaves weakest), and judging: half its
@@ -242,10 +244,12 @@ def _save_checkpoint(out: Path, model, processor, optimizer, progress: dict, hea
     tmp = _write_model(model, processor, out / "checkpoint.tmp")
     if heads is not None:
         save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp / "patch_heads.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
     (tmp / "progress.json").write_text(json.dumps(progress))
     swap_in_folder(tmp, out / "checkpoint")
 
+
+STAGES = ("vq", "lm", "position", "refine", "judge")
 
 # Settings that change nothing a run computes: a re-run may give other values.
 FREE_SETTINGS = ("threads", "checkpoint_every")
@@ -317,6 +321,7 @@ def train(
     log: Callable[[dict], None] = lambda row: None,
     stop_after: int | None = None,
     notice: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    start: tuple[str, str | Path] | None = None,
 ) -> Path:
     """Run (or resume) the five stages in ``out`` and export the model to ``out/model``; the
     model as each of stages 2-5 left it goes to ``out/stages/<stage>`` (to benchmark a
@@ -326,12 +331,33 @@ def train(
     optimizer steps in this call (for tests of resuming). Returns the export folder, or the
     checkpoint folder when stopped early. A run already in ``out`` is resumed only with the
     settings it was started with (``UserError`` otherwise); an advisory lock keeps a second
-    process out of ``out`` meanwhile.
+    process out of ``out`` meanwhile. ``start=(stage, model folder)`` begins a new run at
+    ``stage`` (lm, position, refine or judge) from an exported model, such as another run's
+    ``stages/<the stage before>``, with a fresh optimizer and patch heads as a from-scratch
+    run has them there: with the same seed and settings it ends as that run does, so later
+    stages can be tried without repeating the earlier ones.
     """
     out = Path(out)
     _claim(config, out, notice)
     with folder_lock(out, "asgkit micro train"):
+        if start is not None:
+            _start_at(out, *start)
         return _train(config, out, log, stop_after)
+
+
+def _start_at(out: Path, stage: str, model_folder: str | Path) -> None:
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    if stage not in STAGES[1:]:
+        raise UserError(f"--start-stage {stage!r}: use one of {', '.join(STAGES[1:])} (a stage after the tokenizer's)")
+    if (out / "checkpoint").exists():
+        raise UserError(f"{out} already holds a run: starting at a stage needs a new RUN folder (re-running without --start-stage resumes this one)")
+    folder = Path(model_folder)
+    if not (folder / "model.safetensors").is_file():
+        raise UserError(f"{folder}: no model.safetensors; pass an exported micro model (RUN/stages/<stage> or RUN/model)")
+    model = JanusForConditionalGeneration.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    processor = JanusProcessor.from_pretrained(folder, local_files_only=True)
+    _save_checkpoint(out, model, processor, None, {"stage": stage, "step": 0})
 
 
 def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], stop_after: int | None) -> Path:
@@ -356,7 +382,7 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             optimizer_state = None
         cut_torn_line(metrics)  # a run killed during an append left half a row
         if metrics.exists():  # rows written after the checkpoint are written again
-            order = {"vq": 0, "lm": 1, "position": 2, "refine": 3, "judge": 4, "done": 5}
+            order = {stage: index for index, stage in enumerate((*STAGES, "done"))}
             at = (order[progress["stage"]], progress["step"])
             write_jsonl_atomic(metrics, [row for _, row in read_jsonl(metrics) if (order[row["stage"]], row["step"]) < at])
     budget = stop_after if stop_after is not None else math.inf
