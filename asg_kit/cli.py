@@ -453,7 +453,7 @@ def micro_train(
     start_stage: Optional[str] = typer.Option(None, help="Begin a new run at this stage (lm, position, refine or judge) from --from-model instead of from scratch, to try a later stage without repeating the earlier ones; with the same seed and settings it ends as the from-scratch run does."),
     from_model: Optional[Path] = typer.Option(None, help="With --start-stage: the exported model to begin from, e.g. another run's RUN/stages/lm for --start-stage position."),
 ) -> None:
-    """Train the micro model from scratch on the shapes world in five stages: VQ tokenizer, every role's job, a relative-position curriculum, the Solver's refinement, the judge's yes/no (about 2 hours on 2 CPU cores with the defaults: 2 h 04 and 2 h 10 min measured (seeds 0, 1), up to about 2 h 45 min on a slower CPU; README). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
+    """Train the micro model from scratch on the shapes world in five stages: VQ tokenizer, every role's job, a relative-position curriculum, the Solver's refinement, the judge's yes/no (about 2 hours on 2 CPU cores with the defaults: 1 h 48 min measured for seed 1, up to about 2 h 45 min on a slower CPU, the curriculum's gate adding up to about 17 min where its phases are slow to pass; README). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
     from asg_kit.checks import UserError
     from asg_kit.jsonl import JsonlError
     from asg_kit.micro.train import micro_config_for, train
