@@ -65,27 +65,35 @@ def test_questions_have_true_answers():
     assert kinds == {"color", "shape", "count", "exist", "position", "yesno"}
 
 
+def drawn_pairs(make_pair, kind: str, rng: random.Random, scenes: int = 200) -> list:
+    """The pairs ``make_pair(scene, rng)`` draws on random scenes, each checked to be two of
+    the scene's own questions, and None exactly when the scene asks no question of ``kind``."""
+    pairs = []
+    for _ in range(scenes):
+        scene = world.sample_scene(rng)
+        truth = {qa.question: qa for qa in world.scene_questions(scene)}
+        pair = make_pair(scene, rng)
+        assert (pair is None) == (not any(qa.kind == kind for qa in truth.values()))
+        if pair:
+            assert all(truth[qa.question] == qa for qa in pair)
+            pairs.append(pair)
+    return pairs
+
+
 def test_contrasting_relation_questions_are_the_scenes_own_and_differ_in_the_relation():
     """The pair is two of the scene's own yes/no questions, "yes" then "no", differing only
     in the relation (the one that does not hold is the opposite or a perpendicular one;
     only the opposite when ``opposite_share`` is 1); None exactly when the scene asks no
     yes/no."""
     rng = random.Random(12)
-    pairs, others = 0, {"opposite": 0, "perpendicular": 0}
-    for _ in range(200):
-        scene = world.sample_scene(rng)
-        truth = {qa.question: qa for qa in world.scene_questions(scene)}
-        pair = world.contrasting_relation_questions(scene, rng)
-        assert (pair is None) == (not any(qa.kind == "yesno" for qa in truth.values()))
-        if pair:
-            pairs += 1
-            held, unseen = pair
-            assert truth[held.question] == held and held.answer == "yes"
-            assert truth[unseen.question] == unseen and unseen.answer == "no"
-            relation, other = (next(r for r in world.RELATIONS if f" {r} " in qa.question) for qa in pair)
-            assert unseen.question == held.question.replace(f" {relation} ", f" {other} ")
-            others["opposite" if {relation, other} in ({"left of", "right of"}, {"above", "below"}) else "perpendicular"] += 1
-    assert pairs > 100 and min(others.values()) > 20
+    others = {"opposite": 0, "perpendicular": 0}
+    pairs = drawn_pairs(world.contrasting_relation_questions, "yesno", rng)
+    for held, unseen in pairs:
+        assert held.answer == "yes" and unseen.answer == "no"
+        relation, other = (next(r for r in world.RELATIONS if f" {r} " in qa.question) for qa in (held, unseen))
+        assert unseen.question == held.question.replace(f" {relation} ", f" {other} ")
+        others["opposite" if {relation, other} in ({"left of", "right of"}, {"above", "below"}) else "perpendicular"] += 1
+    assert len(pairs) > 100 and min(others.values()) > 20
     for _ in range(100):  # the judge stage's first phases: the "no" is always the opposite
         pair = world.contrasting_relation_questions(world.sample_scene(rng, n_objects=2), rng, opposite_share=1.0)
         if pair:
@@ -97,22 +105,13 @@ def test_converse_position_questions_are_the_scenes_own_with_the_names_swapped()
     """"where is A relative to B ?" then "where is B relative to A ?": both the scene's own
     questions, the names in swapped order, opposite answers; None exactly when the scene asks
     no position question."""
-    rng = random.Random(5)
     opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}
-    pairs = 0
-    for _ in range(200):
-        scene = world.sample_scene(rng)
-        truth = {qa.question: qa for qa in world.scene_questions(scene)}
-        pair = world.converse_position_questions(scene, rng)
-        assert (pair is None) == (not any(qa.kind == "position" for qa in truth.values()))
-        if pair:
-            pairs += 1
-            forward, backward = pair
-            assert truth[forward.question] == forward and truth[backward.question] == backward
-            a, b = forward.question.removeprefix("where is ").removesuffix(" ?").split(" relative to ")
-            assert backward.question == f"where is {b} relative to {a} ?"
-            assert backward.answer == opposite[forward.answer]
-    assert pairs > 100
+    pairs = drawn_pairs(world.converse_position_questions, "position", random.Random(5))
+    for forward, backward in pairs:
+        a, b = forward.question.removeprefix("where is ").removesuffix(" ?").split(" relative to ")
+        assert backward.question == f"where is {b} relative to {a} ?"
+        assert backward.answer == opposite[forward.answer]
+    assert len(pairs) > 100
 
 
 def test_relations_follow_geneval_rule():
