@@ -452,6 +452,7 @@ def micro_train(
     judge_steps: Optional[int] = typer.Option(None, help="Steps of the judge stage, yes/no questions in contrasting pairs (default: 2400; 0 skips it)."),
     start_stage: Optional[str] = typer.Option(None, help="Begin a new run at this stage (lm, position, refine or judge) from --from-model instead of from scratch, to try a later stage without repeating the earlier ones; with the same seed and settings it ends as the from-scratch run does."),
     from_model: Optional[Path] = typer.Option(None, help="With --start-stage: the exported model to begin from, e.g. another run's RUN/stages/lm for --start-stage position."),
+    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda:1 (default: cuda when there is a GPU, else cpu); may change when resuming. A GPU run is another draw of the recipe: its kernels round differently from the CPU's."),
 ) -> None:
     """Train the micro model from scratch on the shapes world in five stages: VQ tokenizer, every role's job, a relative-position curriculum, the Solver's refinement, the judge's yes/no (about 2 hours on 2 CPU cores with the defaults: 1 h 48 min measured for seed 1, up to about 2 h 45 min on a slower CPU, the curriculum's gate adding up to about 17 min where its phases are slow to pass; README). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
     from asg_kit.checks import UserError
@@ -461,6 +462,8 @@ def micro_train(
     given = {k: v for k, v in {"vq_steps": vq_steps, "lm_steps": lm_steps, "position_steps": position_steps, "refine_steps": refine_steps, "judge_steps": judge_steps}.items() if v is not None}
     if ctx.get_parameter_source("seed").name != "DEFAULT":
         given["seed"] = seed
+    if device is not None:
+        given["device"] = device
     if (start_stage is None) != (from_model is None):
         errors.print("[red]error:[/red] --start-stage and --from-model go together: the stage to begin at and the model to begin from", highlight=False)
         raise typer.Exit(2)

@@ -270,13 +270,15 @@ def test_micro_train_resumes_only_with_its_own_settings(tmp_path):
 
     tiny_micro = dict(vq_steps=3, lm_steps=2, position_steps=1, position_batch=2, refine_steps=1, judge_steps=1, judge_batch=2, vq_batch=2, text_batch=2, image_batch=2, checkpoint_every=2, warmup=1, threads=1)
     run = tmp_path / "micro"
-    micro_train(MicroTrainConfig(**tiny_micro), run, stop_after=2)
+    micro_train(MicroTrainConfig(**tiny_micro, device="cpu"), run, stop_after=2)
     (run / "metrics.jsonl").open("a").write('{"stage": "vq", "st')  # a torn append
     with pytest.raises(UserError, match="seed=0 .asked 1."):
         micro_train(MicroTrainConfig(**{**tiny_micro, "seed": 1}), run)
     line = one_error_line(CliRunner().invoke(app, ["micro", "train", str(run), "--vq-steps", "9"]))
     assert "vq_steps=3 (asked 9)" in line
-    assert micro_config_for(run) == MicroTrainConfig(**tiny_micro)  # a bare re-run takes the saved settings
+    assert micro_config_for(run) == MicroTrainConfig(**tiny_micro)  # a bare re-run takes the saved settings, the device this machine's
+    line = one_error_line(CliRunner().invoke(app, ["micro", "train", str(run), "--device", "cuda:99"]))
+    assert "--device cuda:99" in line and ("no CUDA GPU" in line or "CUDA device(s)" in line)
     micro_train(micro_config_for(run), run)
     steps = [(r["stage"], r["step"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     assert steps == [("vq", 0), ("vq", 2), ("lm", 0), ("lm", 1), ("position", 0), ("refine", 0), ("judge", 0)]  # each logged step once, no torn line

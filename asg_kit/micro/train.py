@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from asg_kit.adapters.base import AnswerRequest, ImageRollout
 from asg_kit.adapters.janus import JanusAdapter
-from asg_kit.checks import UserError, check_output_folder, check_positive, check_seed, folder_lock
+from asg_kit.checks import UserError, check_device, check_output_folder, check_positive, check_seed, folder_lock
 from asg_kit.jsonl import cut_torn_line, read_jsonl, recover_folder, swap_in_folder, write_json_atomic, write_jsonl_atomic
 from asg_kit.micro import tasks
 from asg_kit.micro.benchmarks import run_vqa
@@ -119,6 +119,9 @@ class MicroTrainConfig:
     judge_lr: float = 5e-4
     checkpoint_every: int = 250
     threads: int = 0  # 0: torch's default
+    # None: the GPU when there is one, else the CPU (``asg_kit.devices``). The data is drawn on
+    # the CPU either way; a GPU's kernels round differently, so its run is another draw.
+    device: str | None = None
 
 
 def pixels_to_tensor(images, device=None) -> torch.Tensor:
@@ -231,7 +234,7 @@ class PatchHeads(torch.nn.Module):
         self.grid = grid
 
     def loss(self, patches: torch.Tensor, colors: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
-        index = torch.arange(self.grid * self.grid).expand(len(patches), -1)
+        index = torch.arange(self.grid * self.grid, device=patches.device).expand(len(patches), -1)
         return sum(
             F.cross_entropy(head(patches).flatten(0, 1), labels.flatten())
             for head, labels in ((self.color, colors), (self.shape, shapes), (self.row, index // self.grid), (self.column, index % self.grid))
@@ -252,7 +255,7 @@ def _save_checkpoint(out: Path, model, processor, optimizer, progress: dict, hea
 STAGES = ("vq", "lm", "position", "refine", "judge")
 
 # Settings that change nothing a run computes: a re-run may give other values.
-FREE_SETTINGS = ("threads", "checkpoint_every")
+FREE_SETTINGS = ("threads", "checkpoint_every", "device")
 # What a run saved before a setting existed ran with: it resumes as it started.
 BEFORE_SETTING = {"position_pass": 0.0}
 
@@ -265,6 +268,7 @@ def micro_config_for(out: str | Path, **given) -> MicroTrainConfig:
     if path.is_file():
         try:
             saved = {**BEFORE_SETTING, **json.loads(path.read_text())}
+            saved.pop("device", None)  # where a run goes on is the resuming machine's choice
         except ValueError as error:
             raise UserError(f"{path}: not valid JSON ({error})") from None
     known = {f for f in MicroTrainConfig.__dataclass_fields__}
@@ -274,6 +278,7 @@ def micro_config_for(out: str | Path, **given) -> MicroTrainConfig:
 def _claim(config: MicroTrainConfig, out: Path, notice: Callable[[str], None]) -> None:
     """Check the settings, and that a run already in ``out`` was made with them."""
     check_seed(config.seed)
+    check_device(config.device)
     if config.text_loss not in ("example", "token"):
         raise UserError(f"text_loss={config.text_loss!r}: use 'example' or 'token'")
     if isinstance(config.refine_steps, bool) or not isinstance(config.refine_steps, int) or config.refine_steps < 0:
@@ -311,7 +316,7 @@ def _load_checkpoint(out: Path):
     model = JanusForConditionalGeneration.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     processor = JanusProcessor.from_pretrained(folder, local_files_only=True)
     progress = json.loads((folder / "progress.json").read_text())
-    optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")  # moved to the parameters' device on loading
     return model, processor, progress, optimizer_state
 
 
@@ -361,6 +366,7 @@ def _start_at(out: Path, stage: str, model_folder: str | Path) -> None:
 
 
 def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], stop_after: int | None) -> Path:
+    from asg_kit.devices import default_device
     from asg_kit.micro.model import build_micro_janus
 
     from transformers.utils import logging as transformers_logging
@@ -385,6 +391,8 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             order = {stage: index for index, stage in enumerate((*STAGES, "done"))}
             at = (order[progress["stage"]], progress["step"])
             write_jsonl_atomic(metrics, [row for _, row in read_jsonl(metrics) if (order[row["stage"]], row["step"]) < at])
+    device = torch.device(default_device(config.device) or "cpu")
+    model.to(device)
     budget = stop_after if stop_after is not None else math.inf
 
     # Stage 1: the VQ image tokenizer --------------------------------------------------
@@ -404,7 +412,7 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
                 _save_checkpoint(out, model, processor, optimizer, {"stage": "vq", "step": step})
                 return out / "checkpoint"
             rng = _rng(config, "vq", step)
-            pixels = pixels_to_tensor([tasks.world.render(tasks.world.sample_scene(rng), config.image_size) for _ in range(config.vq_batch)])
+            pixels = pixels_to_tensor([tasks.world.render(tasks.world.sample_scene(rng), config.image_size) for _ in range(config.vq_batch)], device)
             latents, quantized, ids = quantize(vq, pixels)
             decoded = vq.decoder(vq.post_quant_conv(latents + (quantized - latents).detach()))
             reconstruction = F.mse_loss(decoded, pixels)
@@ -415,12 +423,12 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             budget -= 1
             if step % config.vq_restart_every == 0:
                 with torch.no_grad():  # restart unused codes at random encoder outputs
-                    used = torch.zeros(vq.quantize.num_embeddings, dtype=torch.bool)
+                    used = torch.zeros(vq.quantize.num_embeddings, dtype=torch.bool, device=device)
                     used[ids.unique()] = True
                     dead = (~used).nonzero().squeeze(1)
                     pool = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
                     pick = torch.randint(len(pool), (len(dead),), generator=torch.Generator().manual_seed(config.seed * 7919 + step))
-                    vq.quantize.embedding.weight[dead] = pool[pick]
+                    vq.quantize.embedding.weight[dead] = pool[pick.to(device)]
             row = {"stage": "vq", "step": step, "loss": loss.item(), "reconstruction": reconstruction.item(), "codes_used": int(ids.unique().numel()), "seconds": time.time() - started}
             if step % 50 == 0 or step == config.vq_steps - 1:
                 log(row)
@@ -453,12 +461,12 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             parameter.requires_grad_(True)
         with torch.random.fork_rng():  # the same heads whether or not the run was resumed
             torch.manual_seed(config.seed)
-            heads = PatchHeads(model.config.vision_config.hidden_size, config.image_size // model.config.vision_config.patch_size)
+            heads = PatchHeads(model.config.vision_config.hidden_size, config.image_size // model.config.vision_config.patch_size).to(device)
         heads_file = out / "checkpoint" / "patch_heads.safetensors"
         if optimizer_state is not None and heads_file.is_file():
             from safetensors.torch import load_file
 
-            heads.load_state_dict(load_file(str(heads_file)))
+            heads.load_state_dict(load_file(str(heads_file), device=str(device)))
         trainable += list(heads.parameters())
         model.train()
         vq.eval()
@@ -498,11 +506,11 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             else:
                 text_loss = -(scores.logprobs.sum() / scores.mask.sum())
 
-            image_loss = patch_loss = torch.zeros(())
+            image_loss = patch_loss = torch.zeros((), device=device)
             if draws:
                 drawings = [tasks.image_example(rng, config.image_size) for _ in range(config.image_batch)]
                 with torch.no_grad():
-                    _, _, ids = quantize(vq, pixels_to_tensor([d.image for d in drawings]))
+                    _, _, ids = quantize(vq, pixels_to_tensor([d.image for d in drawings], device))
                 prompt_ids = [backbone.generation_prompt_ids(d.prompt) for d in drawings]
                 prompt_ids = [backbone.unconditional_ids(p) if rng.random() < config.uncond_share else p for p in prompt_ids]
                 rollout = ImageRollout(
@@ -518,10 +526,10 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
 
                 if config.patch_loss_weight > 0:
                     scenes = [tasks.world.sample_scene(rng) for _ in range(config.patch_batch)]
-                    pixels = processor.image_processor([tasks.world.render(s, config.image_size) for s in scenes], return_tensors="pt")["pixel_values"]
+                    pixels = processor.image_processor([tasks.world.render(s, config.image_size) for s in scenes], return_tensors="pt")["pixel_values"].to(device)
                     patches = model.model.vision_model(pixel_values=pixels).last_hidden_state
                     labels = [tasks.patch_labels(s, grid) for s in scenes]
-                    patch_loss = heads.loss(patches, torch.tensor([c for c, _ in labels]), torch.tensor([s for _, s in labels]))
+                    patch_loss = heads.loss(patches, torch.tensor([c for c, _ in labels], device=device), torch.tensor([s for _, s in labels], device=device))
 
             loss = text_loss + image_loss + config.patch_loss_weight * patch_loss
             optimizer.zero_grad(set_to_none=True)
