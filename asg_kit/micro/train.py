@@ -19,9 +19,10 @@ A tiny Janus (``asg_kit.micro.model``) learns in five stages:
    ("where is B relative to A ?", same image) on two-object scenes, then on three, then
    both position kinds on scenes of any size. Mixed among the other questions the answer
    stays at chance however often it is asked (the model learns the axis that separates the
-   objects, never which object is which); alone and with its converse, each phase breaks
-   through within a few hundred steps, and the first two phases go on until a held-out
-   check says they have (``Phases``). The next stage rehearses the last phase;
+   objects, never which object is which); alone and with its converse, each phase broke
+   through within a few hundred steps on one draw (seed 1) and never on another (seed 0;
+   README), and the first two phases go on until a held-out check says they have or a cap
+   (``Phases``). The next stage rehearses the last phase;
 4. ``refine``: with a fresh optimizer at a constant, lower rate, the text examples turn to
    the Solver's two jobs (``tasks.REFINE``): answering, with position, yes/no and count
    questions drawn more often (the kinds stage 2 leaves weakest), and judging: half its
