@@ -97,10 +97,10 @@ def test_run_saved_before_the_curriculum_gate_resumes_with_fixed_phases(tmp_path
     run = tmp_path / "old"
     assert train(MicroTrainConfig(**TINY), run, stop_after=2).name == "checkpoint"
     saved = json.loads((run / "config.json").read_text())
-    del saved["position_pass"]  # as a release without the gate wrote it
+    del saved["position_pass"], saved["position_binding"]  # as a release without the gate wrote it
     (run / "config.json").write_text(json.dumps(saved))
     config = micro_config_for(run)
-    assert config.position_pass == 0.0
+    assert config.position_pass == 0.0 and config.position_binding is False
     train(config, run)  # not refused as changed settings
 
 
@@ -157,13 +157,13 @@ def test_curriculum_phase_goes_on_until_its_check_passes_or_hits_its_cap():
 
 def test_gated_curriculum_resumed_mid_phase_equals_uninterrupted(tmp_path):
     # a tiny random model never answers every held-out question: each phase runs to its cap
-    gated = MicroTrainConfig(**{**TINY, "position_steps": 3, "position_pass": 1.0, "position_check_every": 1, "position_check_questions": 3, "position_phase_cap": 2})
+    gated = MicroTrainConfig(**{**TINY, "position_binding": True, "position_steps": 4, "position_pass": 1.0, "position_check_every": 1, "position_check_questions": 3, "position_phase_cap": 2})
     whole = load_file(train(gated, tmp_path / "whole") / "model.safetensors")
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in rows if "check_accuracy" in r]
-    assert [(r["phase"], r["phase_steps"]) for r in checks] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert [(r["phase"], r["phase_steps"]) for r in checks] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
     assert all(0 <= r["check_accuracy"] < 1 for r in checks)
-    assert max(r["step"] for r in rows if r["stage"] == "position") == 4  # 2 + 2 + the last phase's 1
+    assert max(r["step"] for r in rows if r["stage"] == "position") == 6  # 2 + 2 + 2 + the last phase's 1
     before = TINY["vq_steps"] + TINY["lm_steps"]
     assert train(gated, tmp_path / "parts", stop_after=before + 3).name == "checkpoint"  # inside phase 1
     assert json.loads((tmp_path / "parts" / "checkpoint" / "progress.json").read_text()) == {"stage": "position", "step": 3, "phase": 1, "phase_start": 2}

@@ -89,20 +89,23 @@ def test_refine_mix_answers_what_a_judge_asks():
 
 
 def test_position_curriculum_asks_its_phase_on_its_scenes_with_true_answers():
-    """Phase by phase: "where is A relative to B ?" on two objects, then on three, then both
+    """Phase by phase: the binding drill (colour and side of a named object) on two and
+    three objects, "where is A relative to B ?" on two objects, then on three, then both
     position kinds on any scene; read back from the pixels by the detector, every answer
     is the scene's own. Stage 4 rehearses the last phase for a quarter of its examples."""
     from asg_kit.micro import detector
 
     rng = random.Random(8)
-    for phase, sizes, kinds in zip(tasks.POSITION_CURRICULUM, ({2}, {3}, {2, 3, 4}), ({"position"}, {"position"}, {"position", "yesno"})):
+    assert len(tasks.POSITION_CURRICULUM) == 4 and tasks.POSITION_CURRICULUM[0] == tasks.BINDING
+    phases = zip(tasks.POSITION_CURRICULUM, ({2, 3}, {2}, {3}, {2, 3, 4}), ({"color", "side"}, {"position"}, {"position"}, {"position", "yesno"}), strict=True)
+    for phase, sizes, kinds in phases:
         seen, answers = set(), []
         for _ in range(40):
             example = tasks.text_example(rng, image_size=64, mix=phase)
             found = detector.detect(example.image)
             assert len(found) in sizes
             scene = world.Scene(tuple(world.Obj(d.shape, d.color, d.size, *d.center) for d in found))
-            truth = {q.question: q for q in world.scene_questions(scene)}
+            truth = {q.question: q for q in [*world.scene_questions(scene), *world.side_questions(scene)]}
             question = next(q for q in truth if q in example.prompt and truth[q].kind in kinds)
             assert prompts.format_answer(truth[question].answer) == example.target
             seen.add(truth[question].kind)
@@ -114,12 +117,12 @@ def test_position_curriculum_asks_its_phase_on_its_scenes_with_true_answers():
 
 
 def test_position_curriculum_asks_where_questions_with_their_converse_on_one_image():
-    """The two gated phases: each "where is A relative to B ?" comes with "where is B
+    """The two relative phases: each "where is A relative to B ?" comes with "where is B
     relative to A ?" about the same image, opposite answers (the names' order is all that
     tells them apart); the last phase asks them singly."""
     opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}
     rng = random.Random(6)
-    for phase in tasks.POSITION_CURRICULUM[:2]:
+    for phase in tasks.POSITION_CURRICULUM[1:3]:
         batch = tasks.text_batch(rng, 32, 16, phase)
         for forward, backward in zip(batch[::2], batch[1::2]):
             assert forward.image is backward.image

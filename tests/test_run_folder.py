@@ -276,6 +276,7 @@ def test_micro_train_resumes_only_with_its_own_settings(tmp_path):
         micro_train(MicroTrainConfig(**{**tiny_micro, "seed": 1}), run)
     line = one_error_line(CliRunner().invoke(app, ["micro", "train", str(run), "--vq-steps", "9"]))
     assert "vq_steps=3 (asked 9)" in line
+    assert "position_binding=False (asked True)" in one_error_line(CliRunner().invoke(app, ["micro", "train", str(run), "--binding"]))
     assert micro_config_for(run) == MicroTrainConfig(**tiny_micro)  # a bare re-run takes the saved settings, the device this machine's
     line = one_error_line(CliRunner().invoke(app, ["micro", "train", str(run), "--device", "cuda:99"]))
     assert "--device cuda:99" in line and ("no CUDA GPU" in line or "CUDA device(s)" in line)

@@ -114,6 +114,32 @@ def test_converse_position_questions_are_the_scenes_own_with_the_names_swapped()
     assert len(pairs) > 100
 
 
+def test_side_questions_name_the_side_of_the_canvas_read_back_by_the_detector():
+    """"where is the circle ?": for each named object clearly off the centre along one axis,
+    that side, as the detector reads the object's centre from the pixels; none for an
+    object near the centre or on a diagonal; never among the scene's own (benchmark) questions."""
+    from asg_kit.micro import detector
+
+    rng = random.Random(11)
+    asked = []
+    for _ in range(200):
+        scene = world.sample_scene(rng)
+        found = {(d.shape, d.color): d.center for d in detector.detect(world.render(scene))}
+        for qa in world.side_questions(scene):
+            name = qa.question.removeprefix("where is the ").removesuffix(" ?").split()
+            obj = next(o for o in scene.objects if o.shape == name[-1] and (len(name) == 1 or o.color == name[0]))
+            dx, dy = (c - 0.5 for c in found[(obj.shape, obj.color)])
+            expected = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+            assert qa.answer == expected and qa.kind == "side"
+            assert qa.question not in {q.question for q in world.scene_questions(scene)}
+            asked.append(qa.answer)
+    assert set(asked) == {"left", "right", "above", "below"} and len(asked) > 150
+    centre = world.Scene((world.Obj("circle", "red", "small", 0.55, 0.45),))
+    diagonal = world.Scene((world.Obj("circle", "red", "small", 0.2, 0.2),))
+    assert world.side_questions(centre) == world.side_questions(diagonal) == []
+    assert world.side_questions(world.Scene((world.Obj("circle", "red", "small", 0.2, 0.5),))) == [world.QA("where is the circle ?", "left", "side")]
+
+
 def test_relations_follow_geneval_rule():
     left = (0.1, 0.4, 0.3, 0.6)
     right = (0.7, 0.4, 0.9, 0.6)

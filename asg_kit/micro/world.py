@@ -266,6 +266,23 @@ def contrasting_relation_questions(scene: Scene, rng: random.Random, opposite_sh
     return _relation_question(ref_a, seen, ref_b, True), _relation_question(ref_a, unseen, ref_b, False)
 
 
+def side_questions(scene: Scene, margin: float = 0.12) -> list[QA]:
+    """"where is the circle ?": the side of the canvas a named object lies on (left, right,
+    above or below its centre), asked only where the object is at least ``margin`` from the
+    centre and one axis leads the other by half that. Not one of ``scene_questions`` (no
+    benchmark asks it): a training drill that reads one named object's place, the half of
+    "where is A relative to B ?" that binds a name to a location."""
+    out = []
+    for obj in scene.objects:
+        ref = _reference(scene, obj)
+        dx, dy = obj.cx - 0.5, obj.cy - 0.5
+        if not ref or max(abs(dx), abs(dy)) < margin or abs(abs(dx) - abs(dy)) < margin / 2:
+            continue
+        side = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+        out.append(QA(f"where is {ref} ?", side, "side"))
+    return out
+
+
 def presence_questions(scene: Scene) -> list[QA]:
     """"is there a circle ?" for each shape: the form a prompt's spec asks of an uncoloured
     object (``specs.spec_from_geneval``), which ``scene_questions`` leaves out."""
