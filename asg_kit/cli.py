@@ -450,7 +450,8 @@ def micro_train(
     position_steps: Optional[int] = typer.Option(None, help="Steps of the relative-position curriculum (default: 2400; 0 skips it); each phase but the last goes on until 75 % of its held-out questions are answered, up to 3 times its share."),
     refine_steps: Optional[int] = typer.Option(None, help="Steps of the Solver's refinement (default: 3000; 0 skips it)."),
     judge_steps: Optional[int] = typer.Option(None, help="Steps of the judge stage, yes/no questions in contrasting pairs (default: 2400; 0 skips it)."),
-    binding: Optional[bool] = typer.Option(None, "--binding/--no-binding", help="Open the position curriculum with the binding drill, the colour and side of a named object (default: off). For a draw whose converse phase hits its cap (metrics.jsonl's check_accuracy rows): asgkit micro train NEW --binding --start-stage position --from-model RUN/stages/lm."),
+    binding: Optional[bool] = typer.Option(None, "--binding/--no-binding", help="Open the position curriculum with the binding drill, the colour and side of a named object (default: off; a curriculum that gives up on a phase starts over with it, see --retry)."),
+    retry: Optional[bool] = typer.Option(None, "--retry/--no-retry", help="When a curriculum phase reaches its cap below 75 % of its held-out questions, start the curriculum over from RUN/stages/lm with the binding drill (default: on)."),
     start_stage: Optional[str] = typer.Option(None, help="Begin a new run at this stage (lm, position, refine or judge) from --from-model instead of from scratch, to try a later stage without repeating the earlier ones; with the same seed and settings it ends as the from-scratch run does."),
     from_model: Optional[Path] = typer.Option(None, help="With --start-stage: the exported model to begin from, e.g. another run's RUN/stages/lm for --start-stage position."),
     device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda:1 (default: cuda when there is a GPU, else cpu); may change when resuming. A GPU run is another draw of the recipe: its kernels round differently from the CPU's."),
@@ -467,6 +468,8 @@ def micro_train(
         given["device"] = device
     if binding is not None:
         given["position_binding"] = binding
+    if retry is not None:
+        given["position_retry"] = retry
     if (start_stage is None) != (from_model is None):
         errors.print("[red]error:[/red] --start-stage and --from-model go together: the stage to begin at and the model to begin from", highlight=False)
         raise typer.Exit(2)

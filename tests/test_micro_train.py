@@ -179,7 +179,8 @@ def test_run_started_at_a_stage_from_an_export_ends_as_the_whole_run(tmp_path):
     config = MicroTrainConfig(**TINY)
     whole = load_file(train(config, tmp_path / "whole") / "model.safetensors")
     later = train(config, tmp_path / "later", start=("refine", tmp_path / "whole" / "stages" / "position"))
-    assert sorted(p.name for p in (tmp_path / "later" / "stages").iterdir()) == ["judge", "refine"]
+    # the model it began from stands as the stage before's, as in the whole run
+    assert sorted(p.name for p in (tmp_path / "later" / "stages").iterdir()) == ["judge", "position", "refine"]
     rows = [json.loads(line) for line in (tmp_path / "later" / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"refine", "judge"}
     c = load_file(later / "model.safetensors")
@@ -190,3 +191,36 @@ def test_run_started_at_a_stage_from_an_export_ends_as_the_whole_run(tmp_path):
         train(config, tmp_path / "bad", start=("vq", tmp_path / "whole" / "model"))
     with pytest.raises(UserError, match="no model.safetensors"):
         train(config, tmp_path / "bad", start=("judge", tmp_path / "whole" / "stages"))
+
+
+def test_curriculum_that_gives_up_starts_over_with_the_binding_drill_as_the_rescue_command_does(tmp_path):
+    """A phase that reaches its cap below the pass mark starts the curriculum over from
+    stages/lm with the binding drill: the first try's rows stay, the second try's carry
+    attempt 2, the model ends as ``--binding --start-stage position --from-model
+    RUN/stages/lm`` ends, and a run killed inside the second try resumes to the same model
+    with no row lost or doubled."""
+    from dataclasses import replace
+
+    # a tiny random model never answers every held-out question: each phase runs to its cap
+    config = MicroTrainConfig(**{**TINY, "position_steps": 4, "position_pass": 1.0, "position_check_every": 1, "position_check_questions": 3, "position_phase_cap": 2})
+    notices = []
+    whole = load_file(train(config, tmp_path / "whole", notice=notices.append) / "model.safetensors")
+    assert len(notices) == 1 and "starting the curriculum over" in notices[0] and "binding drill" in notices[0]
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    checks = [(r.get("attempt", 1), r["phase"], r["phase_steps"]) for r in rows if "check_accuracy" in r]
+    assert checks == [(1, 0, 1), (1, 0, 2), (2, 0, 1), (2, 0, 2), (2, 1, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2)]  # once only
+    assert [r["stage"] for r in rows if r.get("attempt") == 2] == ["position"] * 7  # 2 + 2 + 2 + the last phase's 1
+
+    rescue = train(replace(config, position_binding=True), tmp_path / "rescue", start=("position", tmp_path / "whole" / "stages" / "lm"))
+    assert all(torch.equal(whole[k], v) for k, v in load_file(rescue / "model.safetensors").items())
+
+    before = TINY["vq_steps"] + TINY["lm_steps"]
+    assert train(config, tmp_path / "parts", stop_after=before + 2 + 3).name == "checkpoint"  # inside the second try
+    assert json.loads((tmp_path / "parts" / "checkpoint" / "progress.json").read_text())["attempt"] == 2
+    parts = load_file(train(config, tmp_path / "parts") / "model.safetensors")
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    resumed = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert len(resumed) == len(rows) and all(a | {"seconds": 0} == b | {"seconds": 0} for a, b in zip(rows, resumed))
+    without = MicroTrainConfig(**{**TINY, "position_retry": False, "position_steps": 4, "position_pass": 1.0, "position_check_every": 1, "position_check_questions": 3, "position_phase_cap": 2})
+    train(without, tmp_path / "no-retry")
+    assert not any("attempt" in json.loads(line) for line in (tmp_path / "no-retry" / "metrics.jsonl").read_text().splitlines())

@@ -70,8 +70,9 @@ PRETRAIN = TaskMix({"answer": 0.6, "caption": 0.1, "ask": 0.1, "spec": 0.1, "dec
 # at its first check (600 steps, 78 %), the three-object one too (89 %). Opening seed 1's,
 # it passed at 900 steps, and the converse phase that had broken through without it stayed
 # at 38-59 % to its cap (rehearsing the drill in it, at a quarter, changed nothing in
-# 1,300 steps). Hence optional (``MicroTrainConfig.position_binding``): it opens the
-# curriculum only when asked (phase 0 of the check rows is then the drill).
+# 1,300 steps). Hence a second route: it opens the curriculum when asked
+# (``MicroTrainConfig.position_binding``) or when a first try without it gives up on a
+# phase (``position_retry``); phase 0 of the check rows is then the drill.
 BINDING = TaskMix({"answer": 1.0}, objects=(2, 3), kinds=("color", "side"))
 POSITION_CURRICULUM = (
     BINDING,

@@ -24,8 +24,10 @@ A tiny Janus (``asg_kit.micro.model``) learns in five stages:
    which object is which); alone and with its converse, each phase broke through within a
    few hundred steps on one draw (seed 1) and never on another (seed 0), which broke
    through after the binding drill, where seed 1 then did not (README). Each phase but the
-   last goes on until a held-out check says it has passed or a cap (``Phases``). The next
-   stage rehearses the last phase;
+   last goes on until a held-out check says it has passed or a cap (``Phases``); a phase
+   that reaches its cap without passing starts the curriculum over from the weights it
+   began with, this time with the drill (``position_retry``). The next stage rehearses the
+   last phase;
 4. ``refine``: with a fresh optimizer at a constant, lower rate, the text examples turn to
    the Solver's two jobs (``tasks.REFINE``): answering, with position, yes/no and count
    questions drawn more often (the kinds stage 2 leaves weakest), and judging: half its
@@ -114,9 +116,13 @@ class MicroTrainConfig:
     position_phase_cap: int = 3
     # Open the curriculum with the binding drill (``tasks.BINDING``: the colour and the side
     # of a named object). Each way one of two draws broke through (README): seed 1 without
-    # it, seed 0 only with it. Off by default, the recipe whose whole run is measured; a
-    # draw whose converse phase hits its cap is started again at this stage with it.
+    # it, seed 0 only with it. Off by default, the recipe whose whole run is measured.
     position_binding: bool = False
+    # Without the drill, a phase that reaches its cap below position_pass starts the
+    # curriculum over from the weights it began with (``RUN/stages/lm``), this time with
+    # the drill: what ``--binding --start-stage position --from-model RUN/stages/lm`` does.
+    # The first try's rows stay in metrics.jsonl; the second try's carry "attempt": 2.
+    position_retry: bool = True
     # Stage 4, the Solver's refinement: a fresh optimizer at a constant rate (after warmup),
     # the text mix ``tasks.REFINE``, drawing and patch supervision as in stage 2; 0 skips it.
     refine_steps: int = 3000
@@ -187,6 +193,7 @@ class Phases:
         self.steps, self.phase, self.start = steps, phase, start
         self.gated = passing > 0 and len(self.mixes) > 1
         self.passing, self.every, self.cap = passing, every, cap
+        self.gave_up = False  # a phase ran to its cap without passing its check
         self._skip_empty()
 
     def share(self, phase: int) -> int:
@@ -219,6 +226,7 @@ class Phases:
             return {}
         figures = {"phase": self.phase, "phase_steps": length, "check_accuracy": check(self.phase)}
         if figures["check_accuracy"] >= self.passing or capped:
+            self.gave_up = self.gave_up or figures["check_accuracy"] < self.passing
             self.phase, self.start = self.phase + 1, step + 1
             self._skip_empty()
         return figures
@@ -266,7 +274,7 @@ STAGES = ("vq", "lm", "position", "refine", "judge")
 # Settings that change nothing a run computes: a re-run may give other values.
 FREE_SETTINGS = ("threads", "checkpoint_every", "device")
 # What a run saved before a setting existed ran with: it resumes as it started.
-BEFORE_SETTING = {"position_pass": 0.0, "position_binding": False}
+BEFORE_SETTING = {"position_pass": 0.0, "position_binding": False, "position_retry": False}
 
 
 def micro_config_for(out: str | Path, **given) -> MicroTrainConfig:
@@ -356,12 +364,10 @@ def train(
     with folder_lock(out, "asgkit micro train"):
         if start is not None:
             _start_at(out, *start)
-        return _train(config, out, log, stop_after)
+        return _train(config, out, log, stop_after, notice)
 
 
 def _start_at(out: Path, stage: str, model_folder: str | Path) -> None:
-    from transformers import JanusForConditionalGeneration, JanusProcessor
-
     if stage not in STAGES[1:]:
         raise UserError(f"--start-stage {stage!r}: use one of {', '.join(STAGES[1:])} (a stage after the tokenizer's)")
     if (out / "checkpoint").exists():
@@ -369,12 +375,19 @@ def _start_at(out: Path, stage: str, model_folder: str | Path) -> None:
     folder = Path(model_folder)
     if not (folder / "model.safetensors").is_file():
         raise UserError(f"{folder}: no model.safetensors; pass an exported micro model (RUN/stages/<stage> or RUN/model)")
-    model = JanusForConditionalGeneration.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    processor = JanusProcessor.from_pretrained(folder, local_files_only=True)
+    model, processor = _load_export(folder)
+    if stage != "lm":  # the model as the stage before left it, as a from-scratch run has it
+        _export(model, processor, out / "stages" / STAGES[STAGES.index(stage) - 1])
     _save_checkpoint(out, model, processor, None, {"stage": stage, "step": 0})
 
 
-def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], stop_after: int | None) -> Path:
+def _load_export(folder: Path):
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    return JanusForConditionalGeneration.from_pretrained(folder, use_safetensors=True, local_files_only=True), JanusProcessor.from_pretrained(folder, local_files_only=True)
+
+
+def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], stop_after: int | None, notice: Callable[[str], None]) -> Path:
     from asg_kit.devices import default_device
     from asg_kit.micro.model import build_micro_janus
 
@@ -398,8 +411,8 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         cut_torn_line(metrics)  # a run killed during an append left half a row
         if metrics.exists():  # rows written after the checkpoint are written again
             order = {stage: index for index, stage in enumerate((*STAGES, "done"))}
-            at = (order[progress["stage"]], progress["step"])
-            write_jsonl_atomic(metrics, [row for _, row in read_jsonl(metrics) if (order[row["stage"]], row["step"]) < at])
+            at = (order[progress["stage"]], progress.get("attempt", 1), progress["step"])
+            write_jsonl_atomic(metrics, [row for _, row in read_jsonl(metrics) if (order[row["stage"]], row.get("attempt", 1), row["step"]) < at])
     device = torch.device(default_device(config.device) or "cpu")
     model.to(device)
     budget = stop_after if stop_after is not None else math.inf
@@ -452,10 +465,13 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
 
     # Stages 2-5: vision encoder, language model and generation head; positions; the Solver;
     # the judge ----------------------------------------------------------------------------
+    attempt = progress.get("attempt", 1)  # 2: the curriculum's second try, with the drill
+    binding = config.position_binding or attempt > 1
+    tried = {"attempt": attempt} if attempt > 1 else {}  # on the curriculum's rows and checkpoints
     # (name, steps, text mix, text batch, peak rate, draws and supervises patches)
     stages = [
         ("lm", config.lm_steps, tasks.PRETRAIN, config.text_batch, config.lm_lr, True),
-        ("position", config.position_steps, tasks.POSITION_CURRICULUM[0 if config.position_binding else 1 :], config.position_batch, config.position_lr, False),
+        ("position", config.position_steps, tasks.POSITION_CURRICULUM[0 if binding else 1 :], config.position_batch, config.position_lr, False),
         ("refine", config.refine_steps, tasks.REFINE, config.text_batch, config.refine_lr, True),
         ("judge", config.judge_steps, tasks.JUDGE, config.judge_batch, config.judge_lr, True),
     ]
@@ -495,11 +511,19 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
                 model.train()
                 vq.eval()
 
+        def where(step: int) -> dict:
+            """The checkpoint's progress at ``step``."""
+            return {"stage": stage, "step": step, **phases.state(), **(tried if stage == "position" else {})}
+
+        retry_from = out / "stages" / "lm" if stage == "position" and config.position_retry and not binding else None
+        if retry_from and not (retry_from / "model.safetensors").is_file():
+            retry_from = None  # stage 2 ran no steps here: nothing to start over from
+
         started = time.time()
         step = progress["step"]
         while not phases.done(step):
             if budget <= 0:
-                _save_checkpoint(out, model, processor, optimizer, {"stage": stage, "step": step, **phases.state()}, heads)
+                _save_checkpoint(out, model, processor, optimizer, where(step), heads)
                 return out / "checkpoint"
             lr = stage_lr(config, stage, step, steps, peak_lr)
             for group in optimizer.param_groups:
@@ -548,14 +572,20 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
             budget -= 1
             row = {"stage": stage, "step": step, "loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(), "patch_loss": patch_loss.item(), "lr": lr}
             row |= phases.after(step, held_out_accuracy)
+            row |= tried if stage == "position" else {}
             row["seconds"] = time.time() - started
             if step % 25 == 0 or phases.done(step + 1) or "check_accuracy" in row:
                 log(row)
                 with metrics.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
             step += 1
+            if retry_from and phases.gave_up:
+                notice(f"{stage}: phase {row['phase']} reached its cap at {row['check_accuracy']:.0%} of its held-out questions; starting the curriculum over from {retry_from} with the binding drill")
+                # a fresh optimizer and patch heads, as the stage had at its start
+                _save_checkpoint(out, *_load_export(retry_from), None, {"stage": stage, "step": 0, "attempt": 2})
+                return _train(config, out, log, None if stop_after is None else budget, notice)
             if step % config.checkpoint_every == 0:
-                _save_checkpoint(out, model, processor, optimizer, {"stage": stage, "step": step, **phases.state()}, heads)
+                _save_checkpoint(out, model, processor, optimizer, where(step), heads)
         following = stages[index + 1][0] if index + 1 < len(stages) else "done"
         progress, optimizer_state = {"stage": following, "step": 0}, None
         if following == "done":
