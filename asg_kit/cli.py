@@ -456,7 +456,7 @@ def micro_train(
     from_model: Optional[Path] = typer.Option(None, help="With --start-stage: the exported model to begin from, e.g. another run's RUN/stages/lm for --start-stage position."),
     device: Optional[str] = typer.Option(None, help="Torch device, e.g. cuda:1 (default: cuda when there is a GPU, else cpu); may change when resuming. A GPU run is another draw of the recipe: its kernels round differently from the CPU's."),
 ) -> None:
-    """Train the micro model from scratch on the shapes world in five stages: VQ tokenizer, every role's job, a relative-position curriculum, the Solver's refinement, the judge's yes/no (about 2 hours on 2 CPU cores with the defaults: 1 h 48 min measured for seed 1, up to about 2 h 45 min on a slower CPU, the curriculum's gate adding up to about 17 min where its phases are slow to pass; README). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
+    """Train the micro model from scratch on the shapes world in five stages: VQ tokenizer, every role's job, a relative-position curriculum, the Solver's refinement, the judge's yes/no (about 2 hours on 2 CPU cores with the defaults: 1 h 48 min measured for seed 1, up to about 2 h 45 min on a slower CPU, the curriculum's gate adding up to about 17 min where its phases are slow to pass, and a curriculum that gives up and starts over with the binding drill 12-25 min more; README). Re-running on the same RUN resumes from the last checkpoint with the run's saved settings; options that would change them are refused."""
     from asg_kit.checks import UserError
     from asg_kit.jsonl import JsonlError
     from asg_kit.micro.train import micro_config_for, train
