@@ -167,3 +167,36 @@ def test_judge_phases_ask_relations_in_contrasting_pairs_and_rehearse_the_refine
     assert four_objects < len(pairs) / 4 and misread <= len(pairs) / 20
     assert opposites == len(pairs) if phase == 0 else len(pairs) / 2 < opposites < len(pairs)
     assert all(mix.rehearse == (tasks.REFINE, 0.5) for mix in tasks.JUDGE)
+
+
+def test_judge_stage_asks_a_counting_prompts_question_also_of_its_scene_one_object_off():
+    """Count pairs (``count_contrast``, on in every judge phase): a spec question about a
+    counting prompt's scene comes with the same question about a second image, that scene
+    with one of the counted objects more or fewer; read back by the detector, both answers
+    are true and the count questions' answers differ by one. Off, no example has a twin."""
+    import re
+    from dataclasses import replace
+
+    from asg_kit.micro import detector
+
+    singular = {plural: shape for shape, plural in world.PLURALS.items()}
+    assert all(mix.count_contrast for mix in tasks.JUDGE)
+    rng = random.Random(12)
+    twins = []
+    while len(twins) < 12:
+        drawn = tasks.text_examples(rng, "answer", 64, tasks.JUDGE[0])
+        if len(drawn) == 2 and drawn[0].image is not drawn[1].image:
+            twins.append(drawn)
+    counted = 0
+    for first, second in twins:
+        asked = [re.search(rf"how many ({'|'.join(singular)}) are there \?", e.prompt) for e in (first, second)]
+        if asked[0] and asked[1]:
+            assert asked[0].group(1) == asked[1].group(1)
+            shape = singular[asked[0].group(1)]
+            counts = [sum(d.shape == shape for d in detector.detect(e.image)) for e in (first, second)]
+            assert [prompts.format_answer(str(c)) for c in counts] == [first.target, second.target]
+            assert abs(counts[0] - counts[1]) == 1
+            counted += 1
+    assert counted >= 3
+    plain = replace(tasks.JUDGE[0], count_contrast=False)
+    assert not any(len(d) == 2 and d[0].image is not d[1].image for d in (tasks.text_examples(rng, "answer", 64, plain) for _ in range(300)))

@@ -41,8 +41,10 @@ A tiny Janus (``asg_kit.micro.model``) learns in five stages:
    Here it comes in contrasting pairs of one image, the relation seen ("yes") and one that
    does not hold ("no"), for half of each batch: for two thirds of the stage that "no" is
    always the opposite relation (a swapped pair; the direction is learned only then), for
-   the last third also the others; the other half rehearses the refinement, drawing and
-   patch supervision go on as there, and the last quarter anneals the rate.
+   the last third also the others; the other half rehearses the refinement, where a
+   counting prompt's spec question also comes about the same scene with one object more or
+   fewer (``judge_count_pairs``: the count judge's answers were right but not sharp);
+   drawing and patch supervision go on as there, and the last quarter anneals the rate.
 
 Every batch is drawn from an RNG seeded by (seed, stage, step), so a run resumed from its
 last checkpoint sees the same data as one never stopped. Checkpoints are written
@@ -59,7 +61,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -132,6 +134,9 @@ class MicroTrainConfig:
     judge_steps: int = 2400
     judge_batch: int = 32
     judge_lr: float = 5e-4
+    # A counting prompt's spec questions also about its scene with one object more or fewer
+    # (``TaskMix.count_contrast``): the count judge's AUC went from 0.69 to 0.92 (seed 0), 0.83 to 0.95 (seed 1).
+    judge_count_pairs: bool = True
     checkpoint_every: int = 250
     threads: int = 0  # 0: torch's default
     # None: the GPU when there is one, else the CPU (``asg_kit.devices``). The data is drawn on
@@ -274,7 +279,7 @@ STAGES = ("vq", "lm", "position", "refine", "judge")
 # Settings that change nothing a run computes: a re-run may give other values.
 FREE_SETTINGS = ("threads", "checkpoint_every", "device")
 # What a run saved before a setting existed ran with: it resumes as it started.
-BEFORE_SETTING = {"position_pass": 0.0, "position_binding": False, "position_retry": False}
+BEFORE_SETTING = {"position_pass": 0.0, "position_binding": False, "position_retry": False, "judge_count_pairs": False}
 
 
 def micro_config_for(out: str | Path, **given) -> MicroTrainConfig:
@@ -473,7 +478,7 @@ def _train(config: MicroTrainConfig, out: Path, log: Callable[[dict], None], sto
         ("lm", config.lm_steps, tasks.PRETRAIN, config.text_batch, config.lm_lr, True),
         ("position", config.position_steps, tasks.POSITION_CURRICULUM[0 if binding else 1 :], config.position_batch, config.position_lr, False),
         ("refine", config.refine_steps, tasks.REFINE, config.text_batch, config.refine_lr, True),
-        ("judge", config.judge_steps, tasks.JUDGE, config.judge_batch, config.judge_lr, True),
+        ("judge", config.judge_steps, tuple(replace(mix, count_contrast=config.judge_count_pairs) for mix in tasks.JUDGE), config.judge_batch, config.judge_lr, True),
     ]
     for index, (stage, steps, mix, text_batch, peak_lr, draws) in enumerate(stages):
         if progress["stage"] != stage:
