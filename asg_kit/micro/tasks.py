@@ -147,7 +147,8 @@ def text_example(rng: random.Random, task: str | None = None, image_size: int = 
 
 
 def text_examples(rng: random.Random, task: str | None = None, image_size: int = 64, mix: TaskMix = PRETRAIN) -> list[TextExample]:
-    """One drawn example, or two about one image: a contrasting pair of yes/no questions."""
+    """One drawn example, or a pair: two questions about one image (contrasting yes/no, or
+    converse "where"), or one question about a counting prompt's scene and its one-off twin."""
     contrast, opposite_share, count_contrast = mix.contrast, mix.opposite_share, mix.count_contrast
     while mix.rehearse and rng.random() < mix.rehearse[1]:  # a rehearsed mix may rehearse in turn
         mix = mix.rehearse[0]
@@ -162,7 +163,7 @@ def text_examples(rng: random.Random, task: str | None = None, image_size: int =
     if task == "answer" and mix.prompt_scene_share > 0 and rng.random() < mix.prompt_scene_share:
         metadata, scene = world.prompt_scene(rng, category_weights=mix.prompt_categories)
         judged = [q.question for q in specs.spec_from_geneval(metadata).qa]
-        # the same prompt's scene with one more or fewer of its shape: its count question's twin
+        # the same prompt's scene with one counted object more or fewer: asked the same question
         twin = world.with_one_error(scene, metadata, "wrong count", rng) if count_contrast and metadata["tag"] == "counting" else None
     else:
         def objects() -> int | None:
