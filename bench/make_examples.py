@@ -2,6 +2,9 @@
 shapes-GenEval prompt of each category, in GenEval's folder layout.
 
     python bench/make_examples.py examples/shapes_geneval
+
+Images already in the folder are kept (the layout resumes, as `asgkit score` does): to redraw
+them after new weights, delete `examples/shapes_geneval/*/samples` first.
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ separate calls. Training and evaluation use the GPU when there is one.
 
 Diagnosis: the Solver's majority answers are checked against the pool's ground truth
 (``pool.pool_scenes``; the trainer never sees it) where the Proposer's question is one of
-the world's templates, per --bin steps; the judge's ranking of the Generator's candidates
+the world's templates, per --bin steps, per difficulty bucket and where the Solver updated;
+the base model answers the questions each variant's Proposer asked in its first --bin
+steps and random questions of the same kinds about the same images (does the screening
+pick questions the Solver gets wrong?); the judge's ranking of the Generator's candidates
 is compared with the detector's on --judge-prompts prompts; the gates' skip reasons are
 counted from metrics.jsonl (functions in ``asg_kit.micro.diagnostics``).
 
@@ -320,7 +323,33 @@ def diagnose(args, out: Path, base: dict, studies: dict[str, list[dict]]) -> dic
             entries.append({"seed": study["settings"]["seed"], "steps": len(rows), "solver_majority": diag.solver_majority_truth(rows, scenes, args.bin),
                             "skips": diag.skip_counts(rows), "judge": {k: v for k, v in judge.items() if k != "per_prompt"} if judge else None})  # fmt: skip
         result["variants"][variant] = entries
+    result["selection"] = selection_effect(args, out, studies, scenes)
     return result
+
+
+def selection_effect(args, out: Path, studies: dict[str, list[dict]], scenes) -> dict:
+    """The base model answering, greedily, the questions each variant's Proposer asked in
+    its first bin of steps and, beside each, a random question of the same kind about the
+    same image (``diag.proposer_question_items``), pooled over the variant's seeds."""
+    from asg_kit.micro import benchmarks
+
+    found, backbone = {}, None
+    for variant, runs in studies.items():
+        chosen, same_kind = [], []
+        for study in runs:
+            folder = out / f"{variant}-s{study['settings']['seed']}"
+            if (folder / "metrics.jsonl").is_file():
+                rows = [row for _, row in read_jsonl(folder / "metrics.jsonl")]
+                picked, beside = diag.proposer_question_items(rows, scenes, args.bin, seed=study["settings"]["seed"])
+                chosen += picked
+                same_kind += beside
+        if chosen:
+            backbone = backbone or load_backbone(None)
+            asked, drawn = benchmarks.run_vqa(backbone, chosen), benchmarks.run_vqa(backbone, same_kind)
+            found[variant] = {"steps": [0, args.bin - 1], "n": len(chosen), "chosen": asked.accuracy, "same_kind": drawn.accuracy,
+                              "chosen_per_kind": asked.per_kind, "same_kind_per_kind": drawn.per_kind,
+                              "kinds": dict(Counter(item.kind for item in chosen))}  # fmt: skip
+    return found
 
 
 def _fmt(value, scale: float = 1.0, digits: int = 3) -> str:
@@ -395,6 +424,27 @@ def diagnosis_markdown(rows: dict, diagnosis: dict) -> str:
             per_bin = " ".join(f"{b['steps'][0]}:{_fmt(b['majority_right_rate'], 100, 0)}" for b in e["solver_majority"]["bins"])
             lines.append(f"| {VARIANTS[variant][0]} | {e['seed']} | {e['steps']} | {o['questions']} | {_percent(o['parsable_share'])} | "
                          f"{_percent(o['majority_right_rate'])} | {_percent(o['greedy_right_rate'])} | {per_bin} |")  # fmt: skip
+    lines += ["", "Per difficulty bucket and where the Solver updated (its reward paid), majorities right / parsable questions, pooled over seeds:", "",
+              "| variant | easy | medium | hard | where the Solver updated |", "|---|---|---|---|---|"]  # fmt: skip
+    for variant, entries in diagnosis["variants"].items():
+        pooled = Counter()
+        for e in entries:
+            o = e["solver_majority"]["overall"]
+            for bucket, n in o.get("buckets", {}).items():
+                pooled.update({f"{bucket}:right": n["majority_right"], f"{bucket}:n": n["parsable"]})
+            pooled.update({"updated:right": o.get("updated", {}).get("majority_right", 0), "updated:n": o.get("updated", {}).get("parsable", 0)})
+        cells = [_rate([pooled[f"{key}:right"], pooled[f"{key}:n"]]) for key in ("easy", "medium", "hard", "updated")]
+        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(cells) + " |")
+    selection = diagnosis.get("selection") or {}
+    if selection:
+        lines += ["", "## Does the Proposer pick questions the Solver gets wrong? (selection)", "",
+                  "The base model's greedy answers (canonical framing) to the questions each variant's Proposer asked in its first bin of steps,"
+                  " and to a random question of the same kind about the same image (the world's templates), pooled over seeds.", "",
+                  "| variant | steps | questions | right: the Proposer's | right: random, same kind | per kind (Proposer's / random) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for variant, sel in selection.items():
+            per_kind = ", ".join(f"{kind} {sel['kinds'][kind]}: {_percent(sel['chosen_per_kind'].get(kind))} / {_percent(sel['same_kind_per_kind'].get(kind))}"
+                                 for kind in QUESTION_KINDS if sel["kinds"].get(kind))  # fmt: skip
+            lines.append(f"| {VARIANTS[variant][0]} | {sel['steps'][0]}-{sel['steps'][1]} | {sel['n']} | {_percent(sel['chosen'])} | {_percent(sel['same_kind'])} | {per_kind} |")
     lines += ["", "## Which questions did the Proposer ask? (parsable ones, pooled over seeds)", "",
               "Per bin of steps: questions of each kind asked, and in brackets how many of their majorities were right.", "",
               "| variant | steps | " + " | ".join(QUESTION_KINDS) + " |", "|---|---|" + "---|" * len(QUESTION_KINDS)]  # fmt: skip
@@ -442,6 +492,13 @@ def diagnosis_summary(diagnosis: dict) -> list[str]:
             first, last = bins[min(bins)], bins[max(bins)]
             lines.append(f"- {label}: the Solver's majority answer was right on {100 * right / parsable:.0f}% of {parsable} parsable questions "
                          f"({100 * parsable / asked:.0f}% of {asked} asked); {_rate(first)} in the first bin, {_rate(last)} in the last.")  # fmt: skip
+        updated = [sum(e["solver_majority"]["overall"].get("updated", {}).get(k, 0) for e in entries) for k in ("majority_right", "parsable")]
+        if updated[1]:
+            lines.append(f"- {label}: where the Solver updated, its majority was right on {_rate(updated)} parsable questions.")
+        selection = (diagnosis.get("selection") or {}).get(variant)
+        if selection:
+            lines.append(f"- {label}: the base model answers {100 * selection['chosen']:.0f}% of the {selection['n']} questions the Proposer asked in steps "
+                         f"{selection['steps'][0]}-{selection['steps'][1]} right, and {100 * selection['same_kind']:.0f}% of random questions of the same kinds about the same images.")  # fmt: skip
         generator = Counter()
         for e in entries:
             generator.update(e["skips"]["generator"])

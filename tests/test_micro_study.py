@@ -69,8 +69,10 @@ def test_solver_majority_truth_from_the_pool():
     qa1 = next(qa for qa in world.scene_questions(scenes[1]) if qa.kind == "count")
     wrong = str(int(qa1.answer) + 1)
     rows = [
-        {"step": 0, "kind": "understanding", "image": "000000.png", "question": qa0.question.upper().replace(" ?", "?"), "answers": [qa0.answer, "x", qa0.answer]},
-        {"step": 1, "kind": "understanding", "image": "000001.png", "question": qa1.question, "answers": [qa1.answer, wrong, wrong]},
+        {"step": 0, "kind": "understanding", "image": "000000.png", "question": qa0.question.upper().replace(" ?", "?"), "answers": [qa0.answer, "x", qa0.answer],
+         "bucket": "medium", "solver_skip": None},
+        {"step": 1, "kind": "understanding", "image": "000001.png", "question": qa1.question, "answers": [qa1.answer, wrong, wrong],
+         "bucket": "medium", "solver_skip": None},
         {"step": 2, "kind": "understanding", "image": "000002.png", "question": "why is the sky blue ?", "answers": ["yes"]},
         {"step": 3, "kind": "generation", "image": "000003.png"},
         {"step": 5, "kind": "understanding", "image": "000000.png", "question": qa0.question, "answers": ["zzz", "zzz", qa0.answer]},
@@ -82,6 +84,25 @@ def test_solver_majority_truth_from_the_pool():
     assert [(b["steps"], b["questions"], b["parsable"], b["majority_right"]) for b in found["bins"]] == [([0, 4], 3, 2, 1), ([5, 9], 1, 1, 0)]
     assert found["bins"][0]["kinds"][qa1.kind] == {"asked": 1 + (qa0.kind == qa1.kind), "majority_right": int(qa0.kind == qa1.kind)}
     assert overall["kinds"][qa0.kind]["asked"] == 2 + (qa0.kind == qa1.kind)
+    # rows without a bucket or a solver_skip field (the last one) count in neither
+    assert overall["buckets"] == {"medium": {"parsable": 2, "majority_right": 1}}
+    assert overall["updated"] == {"parsable": 2, "majority_right": 1}
+
+
+def test_proposer_question_items_pair_each_question_with_one_of_its_kind():
+    scenes = pool_scenes(6, seed=3)
+    asked = [next(qa for qa in world.scene_questions(scenes[i]) if qa.kind == kind) for i, kind in ((0, "count"), (1, "exist"), (2, "color"))]
+    rows = [{"step": i, "kind": "understanding", "image": f"{i:06d}.png", "question": qa.question} for i, qa in enumerate(asked)]
+    rows += [{"step": 3, "kind": "understanding", "image": "000003.png", "question": "why is the sky blue ?"},
+             {"step": 4, "kind": "generation", "image": "000004.png"},
+             {"step": 9, "kind": "understanding", "image": "000005.png", "question": world.scene_questions(scenes[5])[0].question}]  # fmt: skip
+    chosen, same_kind = diag.proposer_question_items(rows, scenes, before_step=5)
+    assert [(item.question, item.answer, item.kind) for item in chosen] == [(qa.question, qa.answer, qa.kind) for qa in asked]
+    assert [item.scene for item in chosen] == [item.scene for item in same_kind] == scenes[:3]
+    for item in same_kind:  # a real question of the same kind about that image, with its true answer
+        assert (item.question, item.answer, item.kind) in {(qa.question, qa.answer, qa.kind) for qa in world.scene_questions(item.scene)}
+    assert [item.kind for item in same_kind] == ["count", "exist", "color"]
+    assert diag.proposer_question_items(rows, scenes, before_step=5) == (chosen, same_kind)  # seeded
 
 
 def test_skip_counts():
@@ -139,6 +160,10 @@ def test_tiny_study_end_to_end_resumes_without_duplicates(tmp_path, capsys, monk
     assert row["n"] == 1 and row["vqa"]["delta"]["method"].startswith("paired per-item SE")
     assert "full method" in (out / "results.md").read_text() and "n=1" in (out / "results.md").read_text()
     assert results["diagnosis"]["variants"]["full"][0]["solver_majority"]["overall"]["questions"] >= 1
+    first_bin = results["diagnosis"]["variants"]["full"][0]["solver_majority"]["bins"][0]
+    selection = results["diagnosis"]["selection"].get("full", {"n": 0})  # the base model on the Proposer's first-bin questions
+    assert selection["n"] == (first_bin["parsable"] if first_bin["steps"][0] == 0 else 0)
+    assert selection["n"] == 0 or 0.0 <= selection["chosen"] <= 1.0
     metrics = [json.loads(line)["step"] for line in (out / "full-s0" / "metrics.jsonl").read_text().splitlines()]
     assert metrics == [0, 1, 2, 3]
 

@@ -11,7 +11,9 @@ shapes benchmarks with per-item outcomes, and diagnoses from a run's own metrics
   outcome so that a standard error can be computed.
 - Diagnoses: ``solver_majority_truth`` (is the Solver's majority answer, the signal its
   reward pays, right? answered from the pool's ground truth, which the trainer never
-  sees), ``judge_detector_agreement`` (does the judge rank a prompt's candidates as the
+  sees; also per bucket and where the Solver updated), ``proposer_question_items`` (the
+  Proposer's questions beside random ones of the same kinds about the same images: does
+  its screening pick questions the Solver gets wrong?), ``judge_detector_agreement`` (does the judge rank a prompt's candidates as the
   detector does?) and ``skip_counts`` (what the gates skip).
 """
 
@@ -156,8 +158,9 @@ def solver_majority_truth(rows: Sequence[dict], scenes: Sequence, bin_size: int 
     counts where its text is one of the world's question templates for that scene
     (``world.scene_questions``). Per bin of ``bin_size`` steps and overall: understanding
     steps, parsable questions, majority right, and per question kind of the world (colour,
-    shape, count, exist, position, yesno) how many were asked and how many majorities were right."""
-    from asg_kit.micro import world
+    shape, count, exist, position, yesno) how many were asked and how many majorities were
+    right; per difficulty bucket, and over the steps where the Solver updated (no
+    ``solver_skip``), how many were parsable and how many majorities right."""
     from asg_kit.rewards import normalize_answer, vote_stats
 
     bins: dict[int, Counter] = {}
@@ -166,11 +169,7 @@ def solver_majority_truth(rows: Sequence[dict], scenes: Sequence, bin_size: int 
             continue
         counts = bins.setdefault(row["step"] // bin_size, Counter())
         counts["questions"] += 1
-        try:
-            scene = scenes[int(Path(row["image"]).stem)]
-        except (ValueError, IndexError, KeyError):
-            continue
-        qa = {question_key(qa.question): qa for qa in world.scene_questions(scene)}.get(question_key(row["question"]))
+        qa = _template_question(row, scenes)
         if qa is None:
             continue
         right = normalize_answer(vote_stats(row["answers"]).majority) == normalize_answer(qa.answer)
@@ -179,6 +178,12 @@ def solver_majority_truth(rows: Sequence[dict], scenes: Sequence, bin_size: int 
         counts["greedy_right"] += normalize_answer(row["answers"][0]) == normalize_answer(qa.answer)
         counts[f"asked:{qa.kind}"] += 1
         counts[f"right:{qa.kind}"] += right
+        if row.get("bucket"):
+            counts[f"bucket:{row['bucket']}"] += 1
+            counts[f"bucket_right:{row['bucket']}"] += right
+        if "solver_skip" in row and row["solver_skip"] is None:
+            counts["updated"] += 1
+            counts["updated_right"] += right
 
     def summary(counts: Counter) -> dict:
         return {"questions": counts["questions"], "parsable": counts["parsable"], "majority_right": counts["majority_right"],
@@ -186,10 +191,52 @@ def solver_majority_truth(rows: Sequence[dict], scenes: Sequence, bin_size: int 
                 "majority_right_rate": counts["majority_right"] / counts["parsable"] if counts["parsable"] else None,
                 "greedy_right_rate": counts["greedy_right"] / counts["parsable"] if counts["parsable"] else None,
                 "kinds": {key.split(":", 1)[1]: {"asked": n, "majority_right": counts[f"right:{key.split(':', 1)[1]}"]}
-                          for key, n in sorted(counts.items()) if key.startswith("asked:")}}  # fmt: skip
+                          for key, n in sorted(counts.items()) if key.startswith("asked:")},
+                "buckets": {key.split(":", 1)[1]: {"parsable": n, "majority_right": counts[f"bucket_right:{key.split(':', 1)[1]}"]}
+                            for key, n in sorted(counts.items()) if key.startswith("bucket:")},
+                "updated": {"parsable": counts["updated"], "majority_right": counts["updated_right"]}}  # fmt: skip
 
     total = sum(bins.values(), Counter())
     return {"bin_size": bin_size, "bins": [{"steps": [b * bin_size, (b + 1) * bin_size - 1], **summary(bins[b])} for b in sorted(bins)], "overall": summary(total)}
+
+
+def _template_question(row: dict, scenes: Sequence):
+    """The world's question (with its true answer) that a metrics row asked about its pool
+    image, or None where the image is not a pool index or the text is no template."""
+    from asg_kit.micro import world
+
+    try:
+        scene = scenes[int(Path(row["image"]).stem)]
+    except (ValueError, IndexError, KeyError, TypeError):
+        return None
+    return {question_key(qa.question): qa for qa in world.scene_questions(scene)}.get(question_key(row["question"]))
+
+
+def proposer_question_items(rows: Sequence[dict], scenes: Sequence, before_step: int, seed: int = 0) -> tuple[list, list]:
+    """The Proposer's parsable questions of a run's understanding steps before
+    ``before_step`` as shapes-VQA items, and beside each one a question of the same kind
+    about the same image drawn at random from the world's templates. A model answering both
+    lists (``benchmarks.run_vqa``) shows whether the Proposer's screening picks the
+    questions the Solver gets wrong: the majority vote the Solver reward pays is then a
+    weaker label there than the benchmark's accuracy suggests."""
+    import random
+
+    from asg_kit.micro import world
+    from asg_kit.micro.benchmarks import VQAItem
+
+    rng = random.Random(f"same-kind-{seed}")
+    chosen, same_kind = [], []
+    for row in rows:
+        if row.get("kind") != "understanding" or not row.get("question") or row.get("step", 0) >= before_step:
+            continue
+        qa = _template_question(row, scenes)
+        if qa is None:
+            continue
+        scene = scenes[int(Path(row["image"]).stem)]
+        other = rng.choice([q for q in world.scene_questions(scene) if q.kind == qa.kind])
+        chosen.append(VQAItem(scene, qa.question, qa.answer, qa.kind))
+        same_kind.append(VQAItem(scene, other.question, other.answer, other.kind))
+    return chosen, same_kind
 
 
 def skip_counts(rows: Sequence[dict]) -> dict:
