@@ -169,9 +169,10 @@ def solver_majority_truth(rows: Sequence[dict], scenes: Sequence, bin_size: int 
             continue
         counts = bins.setdefault(row["step"] // bin_size, Counter())
         counts["questions"] += 1
-        qa = _template_question(row, scenes)
-        if qa is None:
+        found = _template_question(row, scenes)
+        if found is None:
             continue
+        qa = found[1]
         right = normalize_answer(vote_stats(row["answers"]).majority) == normalize_answer(qa.answer)
         counts["parsable"] += 1
         counts["majority_right"] += right
@@ -201,15 +202,17 @@ def solver_majority_truth(rows: Sequence[dict], scenes: Sequence, bin_size: int 
 
 
 def _template_question(row: dict, scenes: Sequence):
-    """The world's question (with its true answer) that a metrics row asked about its pool
-    image, or None where the image is not a pool index or the text is no template."""
+    """The pool scene a metrics row asked about and the world's question (with its true
+    answer) that it asked, or None where the image is not a pool index or the text is no
+    template."""
     from asg_kit.micro import world
 
     try:
         scene = scenes[int(Path(row["image"]).stem)]
     except (ValueError, IndexError, KeyError, TypeError):
         return None
-    return {question_key(qa.question): qa for qa in world.scene_questions(scene)}.get(question_key(row["question"]))
+    qa = {question_key(qa.question): qa for qa in world.scene_questions(scene)}.get(question_key(row["question"]))
+    return None if qa is None else (scene, qa)
 
 
 def proposer_question_items(rows: Sequence[dict], scenes: Sequence, before_step: int, seed: int = 0) -> tuple[list, list]:
@@ -229,10 +232,10 @@ def proposer_question_items(rows: Sequence[dict], scenes: Sequence, before_step:
     for row in rows:
         if row.get("kind") != "understanding" or not row.get("question") or row.get("step", 0) >= before_step:
             continue
-        qa = _template_question(row, scenes)
-        if qa is None:
+        found = _template_question(row, scenes)
+        if found is None:
             continue
-        scene = scenes[int(Path(row["image"]).stem)]
+        scene, qa = found
         other = rng.choice([q for q in world.scene_questions(scene) if q.kind == qa.kind])
         chosen.append(VQAItem(scene, qa.question, qa.answer, qa.kind))
         same_kind.append(VQAItem(scene, other.question, other.answer, other.kind))
