@@ -314,35 +314,33 @@ def diagnose(args, out: Path, base: dict, studies: dict[str, list[dict]]) -> dic
 
     scenes = pool_scenes(args.pool, POOL_SEED)
     result: dict = {"base_judge": base.get("judge"), "bin": args.bin, "variants": {}}
+    first_questions: dict[str, tuple[list, list]] = {}
     for variant, runs in studies.items():
-        entries = []
+        entries, chosen, same_kind = [], [], []
         for study in runs:
-            folder = out / f"{variant}-s{study['settings']['seed']}"
+            seed = study["settings"]["seed"]
+            folder = out / f"{variant}-s{seed}"
             rows = [row for _, row in read_jsonl(folder / "metrics.jsonl")] if (folder / "metrics.jsonl").is_file() else []
             judge = study.get("judge")
-            entries.append({"seed": study["settings"]["seed"], "steps": len(rows), "solver_majority": diag.solver_majority_truth(rows, scenes, args.bin),
+            entries.append({"seed": seed, "steps": len(rows), "solver_majority": diag.solver_majority_truth(rows, scenes, args.bin),
                             "skips": diag.skip_counts(rows), "judge": {k: v for k, v in judge.items() if k != "per_prompt"} if judge else None})  # fmt: skip
+            picked, beside = diag.proposer_question_items(rows, scenes, args.bin, seed=seed)
+            chosen += picked
+            same_kind += beside
         result["variants"][variant] = entries
-    result["selection"] = selection_effect(args, out, studies, scenes)
+        first_questions[variant] = chosen, same_kind
+    result["selection"] = selection_effect(args, first_questions)
     return result
 
 
-def selection_effect(args, out: Path, studies: dict[str, list[dict]], scenes) -> dict:
+def selection_effect(args, first_questions: dict[str, tuple[list, list]]) -> dict:
     """The base model answering, greedily, the questions each variant's Proposer asked in
     its first bin of steps and, beside each, a random question of the same kind about the
-    same image (``diag.proposer_question_items``), pooled over the variant's seeds."""
+    same image (``diag.proposer_question_items``, pooled over the variant's seeds)."""
     from asg_kit.micro import benchmarks
 
     found, backbone = {}, None
-    for variant, runs in studies.items():
-        chosen, same_kind = [], []
-        for study in runs:
-            folder = out / f"{variant}-s{study['settings']['seed']}"
-            if (folder / "metrics.jsonl").is_file():
-                rows = [row for _, row in read_jsonl(folder / "metrics.jsonl")]
-                picked, beside = diag.proposer_question_items(rows, scenes, args.bin, seed=study["settings"]["seed"])
-                chosen += picked
-                same_kind += beside
+    for variant, (chosen, same_kind) in first_questions.items():
         if chosen:
             backbone = backbone or load_backbone(None)
             asked, drawn = benchmarks.run_vqa(backbone, chosen), benchmarks.run_vqa(backbone, same_kind)
